@@ -1,0 +1,254 @@
+"""Public entry points: build a model, load and save weights in any layout, convert files.
+
+Loading goes: file -> `weights.io.read_checkpoint` (safe unpickling) -> layout
+detection -> `weights.layouts.to_native` -> `weights.resize.adapt_state_dict`
+(window / channels / head) -> a strict check that lists every problem -> the model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .models.registry import SwinConfig, get_config, name_for_config
+from .models.swin import SwinTransformer
+from .weights import layouts
+from .weights.io import CheckpointError, read_checkpoint, torch_save_atomic, write_safetensors
+from .weights.resize import adapt_state_dict
+
+log = logging.getLogger("swinkit")
+
+META_CONFIG = "swinkit_config"
+META_NAME = "swinkit_name"
+
+
+@dataclass
+class LoadReport:
+    """What `load_weights` did: the layout it found and every adaptation it made."""
+
+    source: str
+    layout: str
+    notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into the native layout, with what is known about its model."""
+
+    source: str
+    layout: str
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    config: SwinConfig | None
+    name: str | None
+
+
+def _describe(source) -> str:
+    return str(source) if isinstance(source, (str, Path)) else "<state dict>"
+
+
+def read_native(source: str | Path | Mapping[str, torch.Tensor]) -> Checkpoint:
+    """Read a file (any layout) or a state dict into the native layout. Nothing is built."""
+    label = _describe(source)
+    if isinstance(source, Mapping):
+        state_dict, metadata = dict(source), {}
+    else:
+        state_dict, metadata = read_checkpoint(source)
+    if META_CONFIG in metadata:
+        layout = "native"
+    else:
+        try:
+            layout = layouts.detect_layout(state_dict)
+        except ValueError as error:
+            raise CheckpointError(f"'{label}' is not a Swin Transformer checkpoint: {error}") from None
+    try:
+        native = state_dict if layout == "native" else layouts.to_native(state_dict, layout)
+    except ValueError as error:
+        raise CheckpointError(f"'{label}' ({layout} layout) cannot be converted: {error}") from None
+    config, name = _config_from_checkpoint(native, metadata, layout, label)
+    return Checkpoint(label, layout, native, metadata, config, name)
+
+
+def _config_from_checkpoint(native, metadata, layout, label) -> tuple[SwinConfig | None, str | None]:
+    if META_CONFIG in metadata:
+        try:
+            config = SwinConfig.from_dict(json.loads(metadata[META_CONFIG]))
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"'{label}' has invalid swinkit metadata: {error}") from None
+        return config, metadata.get(META_NAME) or name_for_config(config)
+    try:
+        inferred = layouts.infer_config(native, "native")
+    except (ValueError, KeyError) as error:
+        log.debug("could not infer a config from %s: %s", label, error)
+        return None, None
+    if "hf_config" in metadata:
+        hf = json.loads(metadata["hf_config"])
+        if inferred.get("window_size") is None:
+            inferred["window_size"] = hf.get("window_size")
+        if hf.get("image_size"):
+            inferred["img_size"] = hf["image_size"]
+    window = inferred.get("window_size")
+    arch = {k: v for k, v in inferred.items() if k in SwinConfig.__dataclass_fields__ and v is not None}
+    for name in _registry_candidates(arch):
+        candidate = get_config(name)
+        return candidate.replace(num_classes=arch.get("num_classes", candidate.num_classes),
+                                 in_chans=arch.get("in_chans", candidate.in_chans)), name
+    if window is None:
+        return None, None
+    return SwinConfig(**arch), None
+
+
+def _registry_candidates(arch: dict) -> list[str]:
+    from .models.registry import MODELS
+    keys = ("version", "embed_dim", "depths", "num_heads", "patch_size", "window_size", "img_size")
+    found = []
+    for name, config in MODELS.items():
+        if all(getattr(config, k) == (tuple(arch[k]) if isinstance(arch[k], list) else arch[k])
+               for k in keys if k in arch and k != "img_size"):
+            if "img_size" in arch and SwinConfig(img_size=arch["img_size"]).img_size != config.img_size:
+                continue
+            found.append(name)
+    # Only unambiguous matches: a v2 file without buffers does not say its window.
+    return found if len(found) == 1 else []
+
+
+def create_model(name: str | None = None, *, pretrained: str | Path | None = None, num_classes: int | None = None,
+                 img_size: int | tuple[int, int] | None = None, window_size: int | None = None,
+                 in_chans: int | None = None, drop_path_rate: float | None = None,
+                 **overrides) -> SwinTransformer:
+    """Build a registered variant (or the one a checkpoint describes) and optionally load weights.
+
+    With `pretrained` and no `num_classes`, the head keeps the checkpoint's class count.
+    Different class count, image size, window or channels from the checkpoint's are
+    adapted (see `weights.resize`); a re-initialised head is logged, never silent.
+    """
+    checkpoint = read_native(pretrained) if pretrained is not None else None
+    if name is not None:
+        config = get_config(name)
+        if checkpoint is not None and checkpoint.config is not None:
+            config = config.replace(num_classes=checkpoint.config.num_classes)
+            if checkpoint.name == name:  # same variant: keep its trained size and preprocessing
+                config = checkpoint.config
+    elif checkpoint is not None:
+        if checkpoint.config is None:
+            raise CheckpointError(f"'{checkpoint.source}' does not say which Swin variant it holds "
+                                  "(no swinkit metadata and the window size cannot be inferred); pass a model name")
+        config, name = checkpoint.config, checkpoint.name
+    else:
+        raise ValueError("create_model needs a model name or a pretrained file")
+    changes = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size, window_size=window_size,
+                                     in_chans=in_chans, drop_path_rate=drop_path_rate, **overrides).items()
+               if v is not None}
+    try:
+        config = config.replace(**changes)
+    except TypeError as error:
+        raise TypeError(f"create_model: {error}") from None
+    model = SwinTransformer(config, name=name)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def load_weights(model: SwinTransformer, source: str | Path | Mapping[str, torch.Tensor] | Checkpoint, *,
+                 strict: bool = True) -> LoadReport:
+    """Load a checkpoint of any layout into `model`, adapting window/channels/head as fine-tuning needs.
+
+    With `strict`, any other missing, unexpected or mis-shaped key raises one
+    `CheckpointError` that lists them all with shapes; without it they are logged.
+    """
+    checkpoint = source if isinstance(source, Checkpoint) else read_native(source)
+    state_dict = checkpoint.state_dict
+    if model.num_classes == 0:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    state_dict, notes = adapt_state_dict(state_dict, model)
+    target = model.state_dict()
+    missing = sorted(k for k in set(target) - set(state_dict) if not k.startswith("head.fc."))
+    unexpected = sorted(set(state_dict) - set(target))
+    mismatched = sorted(k for k in set(state_dict) & set(target) if state_dict[k].shape != target[k].shape)
+    label = model.name or "the model"
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"'{checkpoint.source}' ({checkpoint.layout} layout) does not fit {label}:"]
+        lines += [f"  shape mismatch {k}: checkpoint {list(state_dict[k].shape)}, model {list(target[k].shape)}"
+                  for k in mismatched]
+        lines += [f"  missing {k} {list(target[k].shape)}" for k in missing]
+        lines += [f"  unexpected {k} {list(state_dict[k].shape)}" for k in unexpected]
+        raise CheckpointError("\n".join(lines))
+    loadable = {k: v for k, v in state_dict.items() if k in target and k not in mismatched}
+    model.load_state_dict(loadable, strict=False)
+    if model.num_classes > 0 and "head.fc.weight" not in loadable:
+        notes.append("the checkpoint has no usable classifier: the head keeps its fresh initialisation")
+        log.warning("%s: no classifier weights for %s classes; the head is freshly initialised",
+                    checkpoint.source, model.num_classes)
+    for note in notes:
+        log.info("%s: %s", checkpoint.source, note)
+    if not strict and (missing or unexpected or mismatched):
+        log.warning("%s: missing %s, unexpected %s, mismatched %s", checkpoint.source, missing, unexpected,
+                    mismatched)
+    return LoadReport(checkpoint.source, checkpoint.layout, notes, missing + mismatched, unexpected)
+
+
+def model_metadata(model: SwinTransformer, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Metadata that lets a file alone recreate its model (config, name) plus `extra` strings."""
+    metadata = {META_CONFIG: json.dumps(model.config.to_dict()), "format": "pt"}
+    if model.name:
+        metadata[META_NAME] = model.name
+    metadata.update(extra or {})
+    return metadata
+
+
+def save_weights(model: SwinTransformer, path: str | Path, *, layout: str = "native",
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the model's weights atomically. Native: safetensors with config metadata;
+    other layouts: the peer's own file form (see `write_layout`)."""
+    native = {k: v.detach() for k, v in model.state_dict().items()}  # buffers are non-persistent
+    return write_layout(native, path, layout, model.config, model_metadata(model, metadata))
+
+
+def write_layout(native: Mapping[str, torch.Tensor], path: str | Path, layout: str, config: SwinConfig,
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a native state dict as `layout`: native/timm -> .safetensors (or .pth by suffix),
+    official -> `{'model': sd}` .pth, torchvision -> .pth, hf -> a save_pretrained folder."""
+    if layout not in layouts.LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}'; choose one of {', '.join(layouts.LAYOUTS)}")
+    path = Path(path)
+    state_dict = dict(native) if layout == "native" else layouts.from_native(dict(native), layout, config)
+    state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    if layout == "hf":
+        path.mkdir(parents=True, exist_ok=True)
+        hf_config = layouts.hf_config(config, config.num_classes)
+        from .weights.io import atomic_write
+        atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
+        write_safetensors(state_dict, path / "model.safetensors", {"format": "pt"})
+        return path
+    if layout == "official":
+        return torch_save_atomic({"model": state_dict}, path)
+    if path.suffix == ".safetensors":
+        return write_safetensors(state_dict, path, dict(metadata or {}) if layout == "native" else {"format": "pt"})
+    return torch_save_atomic(state_dict, path)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, model: str | None = None) -> Path:
+    """Convert a checkpoint file between layouts without building a model (tensors are copied exactly)."""
+    checkpoint = read_native(src)
+    config = checkpoint.config
+    name = checkpoint.name
+    if model is not None:
+        config = get_config(model).replace(num_classes=_num_classes(checkpoint.state_dict, get_config(model)))
+        name = model
+    if config is None:
+        raise CheckpointError(f"'{src}' does not say which Swin variant it holds; pass model=NAME (--model)")
+    metadata = {META_CONFIG: json.dumps(config.to_dict()), "format": "pt"}
+    if name:
+        metadata[META_NAME] = name
+    return write_layout(checkpoint.state_dict, dst, to, config, metadata)
+
+
+def _num_classes(native: Mapping[str, torch.Tensor], fallback: SwinConfig) -> int:
+    head = native.get("head.fc.weight")
+    return head.shape[0] if head is not None else fallback.num_classes
