@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from .models.registry import SwinConfig, get_config, name_for_config
+from .models.registry import MODELS, SwinConfig, get_config, name_for_config
 from .models.swin import SwinTransformer
 from .weights import layouts
 from .weights.io import CheckpointError, read_checkpoint, torch_save_atomic, write_safetensors
@@ -71,11 +71,13 @@ def read_native(source: str | Path | Mapping[str, torch.Tensor]) -> Checkpoint:
         native = state_dict if layout == "native" else layouts.to_native(state_dict, layout)
     except ValueError as error:
         raise CheckpointError(f"'{label}' ({layout} layout) cannot be converted: {error}") from None
-    config, name = _config_from_checkpoint(native, metadata, layout, label)
+    config, name = _config_from_checkpoint(state_dict, metadata, layout, label)
     return Checkpoint(label, layout, native, metadata, config, name)
 
 
-def _config_from_checkpoint(native, metadata, layout, label) -> tuple[SwinConfig | None, str | None]:
+def _config_from_checkpoint(state_dict, metadata, layout, label) -> tuple[SwinConfig | None, str | None]:
+    """The model a checkpoint holds: from swinkit metadata, else inferred from its tensors
+    (and buffers, which carry the window for v2) and a Hugging Face config.json."""
     if META_CONFIG in metadata:
         try:
             config = SwinConfig.from_dict(json.loads(metadata[META_CONFIG]))
@@ -83,7 +85,7 @@ def _config_from_checkpoint(native, metadata, layout, label) -> tuple[SwinConfig
             raise CheckpointError(f"'{label}' has invalid swinkit metadata: {error}") from None
         return config, metadata.get(META_NAME) or name_for_config(config)
     try:
-        inferred = layouts.infer_config(native, "native")
+        inferred = layouts.infer_config(state_dict, layout)
     except (ValueError, KeyError) as error:
         log.debug("could not infer a config from %s: %s", label, error)
         return None, None
@@ -93,29 +95,27 @@ def _config_from_checkpoint(native, metadata, layout, label) -> tuple[SwinConfig
             inferred["window_size"] = hf.get("window_size")
         if hf.get("image_size"):
             inferred["img_size"] = hf["image_size"]
-    window = inferred.get("window_size")
-    arch = {k: v for k, v in inferred.items() if k in SwinConfig.__dataclass_fields__ and v is not None}
-    for name in _registry_candidates(arch):
-        candidate = get_config(name)
-        return candidate.replace(num_classes=arch.get("num_classes", candidate.num_classes),
-                                 in_chans=arch.get("in_chans", candidate.in_chans)), name
-    if window is None:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in inferred.items()
+              if k in SwinConfig.__dataclass_fields__ and v is not None}
+    if isinstance(fields.get("img_size"), int):
+        fields["img_size"] = (fields["img_size"], fields["img_size"])
+    name = _unique_registry_match(fields)
+    if name is not None:
+        registered = get_config(name)
+        return registered.replace(num_classes=fields.get("num_classes", registered.num_classes),
+                                  in_chans=fields.get("in_chans", registered.in_chans)), name
+    if fields.get("window_size") is None:
         return None, None
-    return SwinConfig(**arch), None
+    return SwinConfig(**fields), None
 
 
-def _registry_candidates(arch: dict) -> list[str]:
-    from .models.registry import MODELS
-    keys = ("version", "embed_dim", "depths", "num_heads", "patch_size", "window_size", "img_size")
-    found = []
-    for name, config in MODELS.items():
-        if all(getattr(config, k) == (tuple(arch[k]) if isinstance(arch[k], list) else arch[k])
-               for k in keys if k in arch and k != "img_size"):
-            if "img_size" in arch and SwinConfig(img_size=arch["img_size"]).img_size != config.img_size:
-                continue
-            found.append(name)
-    # Only unambiguous matches: a v2 file without buffers does not say its window.
-    return found if len(found) == 1 else []
+def _unique_registry_match(fields: dict) -> str | None:
+    """The one registered variant agreeing with every architecture field known from a file, if unique
+    (a v2 file without buffers does not say its window, so several may match)."""
+    keys = [k for k in ("version", "embed_dim", "depths", "num_heads", "patch_size", "window_size", "img_size")
+            if k in fields]
+    matches = [name for name, config in MODELS.items() if all(getattr(config, k) == fields[k] for k in keys)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def create_model(name: str | None = None, *, pretrained: str | Path | None = None, num_classes: int | None = None,
@@ -131,10 +131,10 @@ def create_model(name: str | None = None, *, pretrained: str | Path | None = Non
     checkpoint = read_native(pretrained) if pretrained is not None else None
     if name is not None:
         config = get_config(name)
-        if checkpoint is not None and checkpoint.config is not None:
-            config = config.replace(num_classes=checkpoint.config.num_classes)
-            if checkpoint.name == name:  # same variant: keep its trained size and preprocessing
-                config = checkpoint.config
+        if checkpoint is not None:
+            if checkpoint.config is not None and checkpoint.name == name:
+                config = checkpoint.config  # same variant: keep its trained size, classes and channels
+            config = config.replace(num_classes=_num_classes(checkpoint.state_dict, config))
     elif checkpoint is not None:
         if checkpoint.config is None:
             raise CheckpointError(f"'{checkpoint.source}' does not say which Swin variant it holds "
