@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lean import window_attention as lean_window_attention
+
 SHIFT_MASK_VALUE = -100.0  # the official value between tokens of different shifted regions
 PAD_MASK_VALUE = -10000.0  # padded keys: never attended, finite so no row becomes NaN (fp16-safe)
 
@@ -105,6 +107,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return out.view(batch_windows, heads, tokens, head_dim)
 
 
+def _use_lean(module: nn.Module) -> bool:
+    """Use the memory-lean training kernel: autograd is recording and no attention dropout is asked for."""
+    return module.lean and torch.is_grad_enabled() and not (module.training and module.attn_drop > 0)
+
+
 class WindowAttentionV1(nn.Module):
     """Swin v1 multi-head self-attention inside windows with a learned relative-position bias table.
 
@@ -118,6 +125,7 @@ class WindowAttentionV1(nn.Module):
         self.window = window
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
+        self.lean = True  # memory-lean autograd in training (see models/lean.py)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index((window, window)).flatten(),
                              persistent=False)
@@ -133,6 +141,10 @@ class WindowAttentionV1(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch_windows, tokens, channels = x.shape
+        if _use_lean(self):
+            qkv = self.qkv(x).view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
+            out = lean_window_attention(qkv, self.relative_position_bias(), mask, None, self.head_dim ** -0.5)
+            return self.proj_drop(self.proj(out))
         qkv = self.qkv(x).view(batch_windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout = self.attn_drop if self.training else 0.0
@@ -157,6 +169,7 @@ class WindowAttentionV2(nn.Module):
         self.pretrained_window = pretrained_window
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
+        self.lean = True  # memory-lean autograd in training (see models/lean.py)
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
@@ -190,8 +203,11 @@ class WindowAttentionV2(nn.Module):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
+        if _use_lean(self):
+            out = lean_window_attention(qkv, self.relative_position_bias(), mask, self.logit_scale, 1.0)
+            return self.proj_drop(self.proj(out))
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         # Cosine similarity times a per-head temperature: fold the temperature into q.
         q = F.normalize(q, dim=-1) * self.logit_scale_value().to(q.dtype)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2, window_attention_mask
+from .lean import mlp_branch
 from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, pad_to_multiple, window_partition, window_reverse
 from .registry import SwinConfig
 
@@ -47,6 +48,7 @@ class SwinBlock(nn.Module):
         self.version = version
         self.window = window
         self.grad_checkpointing = False
+        self.lean = True  # memory-lean autograd in training (see models/lean.py)
         self.norm1 = nn.LayerNorm(dim)
         if version == 1:
             self.attn = WindowAttentionV1(dim, num_heads, window, qkv_bias, attn_drop, drop)
@@ -71,12 +73,17 @@ class SwinBlock(nn.Module):
             x = x[:, :height, :width, :].contiguous()
         return x
 
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and torch.is_grad_enabled() and not (self.training and self.mlp.drop.p > 0):
+            return mlp_branch(x, self.norm2, self.mlp, pre_norm=self.version == 1)
+        return self.mlp(self.norm2(x)) if self.version == 1 else self.norm2(self.mlp(x))
+
     def _forward(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
         if self.version == 1:
             x = x + self.drop_path1(self._window_attention(self.norm1(x), shift, mask))
-            return x + self.drop_path2(self.mlp(self.norm2(x)))
-        x = x + self.drop_path1(self.norm1(self._window_attention(x, shift, mask)))
-        return x + self.drop_path2(self.norm2(self.mlp(x)))
+        else:
+            x = x + self.drop_path1(self.norm1(self._window_attention(x, shift, mask)))
+        return x + self.drop_path2(self._mlp_branch(x))
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0),
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,6 +245,11 @@ class SwinTransformer(nn.Module):
         for stage in self.layers:
             for block in stage.blocks:
                 block.grad_checkpointing = enable
+
+    def set_lean_training(self, enable: bool = True) -> None:
+        """Use the memory-lean autograd kernels of `models/lean.py` (default) or plain autograd."""
+        for block in self.blocks():
+            block.lean = block.attn.lean = enable
 
     def blocks(self) -> list[SwinBlock]:
         return [block for stage in self.layers for block in stage.blocks]

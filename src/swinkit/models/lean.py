@@ -1,0 +1,160 @@
+"""Memory-lean training kernels: autograd functions that keep for backward only what backward needs.
+
+Plain autograd stores every intermediate an op might need. Two places in a Swin
+block are wasteful, and these functions fix them by recomputing cheap work in
+backward instead of storing it (results are the same; gradients agree to fp32
+rounding):
+
+- the MLP branch: plain autograd stores LayerNorm's output, fc1's output and
+  GELU's output. `mlp_branch` stores the branch input and fc1's output only,
+  and recomputes the LayerNorm (v1) and the GELU in backward (v2, whose norm
+  follows the MLP, also keeps fc2's output for the norm's backward);
+- window attention: plain autograd keeps the attention probabilities
+  `[B * num_windows, heads, N, N]` (and copies of q, k, v). `window_attention`
+  keeps only the fused qkv projection and recomputes the probabilities (and v2's
+  cosine normalisation) in backward.
+
+They run in training only (when autograd records); inference uses the plain path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+LOG_MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def _linear_grads(grad_out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor):
+    """Gradients of `inputs @ weight.T + bias` w.r.t. inputs, weight and bias."""
+    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_weight = grad_2d.t().mm(inputs.reshape(-1, inputs.shape[-1]))
+    return grad_out.matmul(weight), grad_weight, grad_2d.sum(0)
+
+
+class _MlpBranch(torch.autograd.Function):
+    """v1: `fc2(gelu(fc1(norm(x))))`; v2: `norm(fc2(gelu(fc1(x))))`. `[..., C]` -> `[..., C]`."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, pre_norm: bool):
+        channels = x.shape[-1]
+        if pre_norm:
+            normed, mean, rstd = aten.native_layer_norm(x, [channels], norm_weight, norm_bias, eps)
+            hidden = F.linear(normed, w1, b1)
+            out = F.linear(F.gelu(hidden), w2, b2)
+            ctx.save_for_backward(x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2)
+        else:
+            hidden = F.linear(x, w1, b1)
+            projected = F.linear(F.gelu(hidden), w2, b2)
+            out, mean, rstd = aten.native_layer_norm(projected, [channels], norm_weight, norm_bias, eps)
+            ctx.save_for_backward(x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2, projected)
+        ctx.eps, ctx.pre_norm = eps, pre_norm
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2, *rest = ctx.saved_tensors
+        channels = x.shape[-1]
+        mask = [True, norm_weight is not None, norm_bias is not None]
+        if ctx.pre_norm:
+            grad_projected = grad_out
+            normed = aten.native_layer_norm(x, [channels], norm_weight, norm_bias, ctx.eps)[0]
+        else:
+            grad_projected, grad_norm_w, grad_norm_b = aten.native_layer_norm_backward(
+                grad_out, rest[0], [channels], mean, rstd, norm_weight, norm_bias, mask)
+            normed = x
+        grad_act, grad_w2, grad_b2 = _linear_grads(grad_projected, F.gelu(hidden), w2)
+        grad_hidden = aten.gelu_backward(grad_act, hidden)
+        grad_normed, grad_w1, grad_b1 = _linear_grads(grad_hidden, normed, w1)
+        if ctx.pre_norm:
+            grad_x, grad_norm_w, grad_norm_b = aten.native_layer_norm_backward(
+                grad_normed, x, [channels], mean, rstd, norm_weight, norm_bias, mask)
+        else:
+            grad_x = grad_normed
+        return grad_x, grad_norm_w, grad_norm_b, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def mlp_branch(x: torch.Tensor, norm: torch.nn.LayerNorm, mlp, pre_norm: bool) -> torch.Tensor:
+    """The MLP residual branch of a block, storing only its input and fc1's output for backward."""
+    return _MlpBranch.apply(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                            mlp.fc2.bias, norm.eps, pre_norm)
+
+
+def _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale):
+    """Recomputable part of window attention: (probabilities, q, k, v, q/|q|, k/|k|, norms).
+
+    qkv: `[B * num_windows, N, 3, heads, head_dim]`; returns tensors shaped `[B, num_windows, heads, N, .]`.
+    """
+    batch_windows, tokens, _, heads, head_dim = qkv.shape
+    q, k, v = qkv.view(batch_windows // num_windows, num_windows, tokens, 3, heads, head_dim) \
+                 .permute(3, 0, 1, 4, 2, 5).unbind(0)
+    if logit_scale is None:
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
+        q_norm = k_norm = q_unit = k_unit = None
+    else:
+        q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        q_unit, k_unit = q / q_norm, k / k_norm
+        temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()
+        scores = torch.matmul(q_unit * temperature, k_unit.transpose(-2, -1))
+    probs = torch.softmax(scores + bias_mask, dim=-1)
+    return probs, q, k, v, q_unit, k_unit, q_norm, k_norm
+
+
+class _WindowAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias + mask) v over windows, probabilities recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, mask, logit_scale, scale: float, num_windows: int):
+        bias_mask = bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)  # [nW, heads, N, N]
+        probs, _, _, v, *_ = _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale)
+        out = torch.matmul(probs, v)  # [B, nW, heads, N, head_dim]
+        ctx.save_for_backward(qkv, bias_mask, logit_scale)
+        ctx.scale, ctx.num_windows, ctx.has_mask = scale, num_windows, mask is not None
+        batch_windows, tokens, _, heads, head_dim = qkv.shape
+        return out.permute(0, 1, 3, 2, 4).reshape(batch_windows, tokens, heads * head_dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, bias_mask, logit_scale = ctx.saved_tensors
+        batch_windows, tokens, _, heads, head_dim = qkv.shape
+        probs, q, k, v, q_unit, k_unit, q_norm, k_norm = _attention_scores(
+            qkv, bias_mask, ctx.num_windows, ctx.scale, logit_scale)
+        grad_o = grad_out.view(batch_windows // ctx.num_windows, ctx.num_windows, tokens, heads, head_dim) \
+                         .permute(0, 1, 3, 2, 4)
+        grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
+        grad_probs = torch.matmul(grad_o, v.transpose(-2, -1))
+        grad_scores = aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_bias_mask = grad_scores.sum(0)  # [nW, heads, N, N]
+        grad_bias = grad_bias_mask.sum(0) if ctx.has_mask else grad_bias_mask.squeeze(0)
+        grad_logit_scale = None
+        if logit_scale is None:
+            grad_q = torch.matmul(grad_scores, k) * ctx.scale
+            grad_k = torch.matmul(grad_scores.transpose(-2, -1), q * ctx.scale)
+        else:
+            temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()  # [heads, 1, 1]
+            grad_q_unit = torch.matmul(grad_scores, k_unit) * temperature
+            grad_k_unit = torch.matmul(grad_scores.transpose(-2, -1), q_unit) * temperature
+            grad_temperature = (grad_q_unit * q_unit).sum(dim=(0, 1, 3, 4)).view_as(temperature) / temperature
+            grad_logit_scale = grad_temperature * temperature * (logit_scale <= LOG_MAX_LOGIT_SCALE)
+            grad_q = (grad_q_unit - q_unit * (grad_q_unit * q_unit).sum(-1, keepdim=True)) / q_norm
+            grad_k = (grad_k_unit - k_unit * (grad_k_unit * k_unit).sum(-1, keepdim=True)) / k_norm
+        grad_qkv = torch.stack((grad_q, grad_k, grad_v), dim=0)  # [3, B, nW, heads, N, head_dim]
+        grad_qkv = grad_qkv.permute(1, 2, 4, 0, 3, 5).reshape(qkv.shape)
+        return grad_qkv, grad_bias, None, grad_logit_scale, None, None
+
+
+def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
+                     logit_scale: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Training-time window attention storing only `qkv` for backward.
+
+    qkv: `[B * num_windows, N, 3, heads, head_dim]` (the qkv projection, unpermuted);
+    bias: `[heads, N, N]`; mask: `[num_windows, N, N]` or None;
+    logit_scale: v2's `[heads, 1, 1]` (cosine attention) or None (v1: dot product times `scale`).
+    Returns `[B * num_windows, N, heads * head_dim]`.
+    """
+    num_windows = 1 if mask is None else mask.shape[0]
+    return _WindowAttention.apply(qkv, bias, None if mask is None else mask.to(bias.dtype), logit_scale, scale,
+                                  num_windows)
