@@ -123,22 +123,34 @@ def test_masks_are_built_once_per_size():
 
 
 @pytest.mark.parametrize("config", [TINY_V1, TINY_V2], ids=["v1", "v2"])
-def test_grad_checkpointing_gives_identical_gradients(config):
-    torch.manual_seed(0)
-    model = perturb(SwinTransformer(config))
+@pytest.mark.parametrize("plan", ["full", "selective", ["full", "none", "selective"] * 2 + ["none", "full"]])
+def test_recomputation_gives_identical_gradients(config, plan):
+    """Recomputing (with drop path on: RNG state must be replayed) changes neither loss nor gradients."""
+    model = perturb(SwinTransformer(config.replace(drop_path_rate=0.3))).train()
     x = torch.randn(2, 3, 64, 64)
 
     def grads():
+        torch.manual_seed(5)
         model.zero_grad()
         loss = model(x).logsumexp(-1).mean()
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     loss_plain, grads_plain = grads()
+    model.set_recompute(plan)
+    loss_recomputed, grads_recomputed = grads()
+    assert torch.equal(loss_plain, loss_recomputed)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(grads_plain, grads_recomputed))
+
+
+def test_grad_checkpointing_switch_and_bad_plan():
+    model = SwinTransformer(TINY_V1)
     model.set_grad_checkpointing(True)
-    loss_ckpt, grads_ckpt = grads()
-    assert torch.equal(loss_plain, loss_ckpt)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_plain, grads_ckpt))
+    assert set(model.recompute_plan()) == {"full"}
+    model.set_grad_checkpointing(False)
+    assert set(model.recompute_plan()) == {"none"}
+    with pytest.raises(ValueError, match="recompute plan"):
+        model.set_recompute(["full"])
 
 
 def test_reset_classifier():

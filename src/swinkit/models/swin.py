@@ -47,7 +47,9 @@ class SwinBlock(nn.Module):
         super().__init__()
         self.version = version
         self.window = window
-        self.grad_checkpointing = False
+        # What backward recomputes instead of storing: "none"; "selective" (the attention branch:
+        # norm, qkv, attention, projection; the MLP keeps its matmul output); "full" (the whole block).
+        self.recompute = "none"
         self.lean = True  # memory-lean autograd in training (see models/lean.py)
         self.norm1 = nn.LayerNorm(dim)
         if version == 1:
@@ -78,18 +80,27 @@ class SwinBlock(nn.Module):
             return mlp_branch(x, self.norm2, self.mlp, pre_norm=self.version == 1)
         return self.mlp(self.norm2(x)) if self.version == 1 else self.norm2(self.mlp(x))
 
-    def _forward(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
+    def _attention_branch(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
         if self.version == 1:
-            x = x + self.drop_path1(self._window_attention(self.norm1(x), shift, mask))
+            return self._window_attention(self.norm1(x), shift, mask)
+        return self.norm1(self._window_attention(x, shift, mask))
+
+    def _forward(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None,
+                 recompute_attention: bool = False) -> torch.Tensor:
+        if recompute_attention:
+            branch = checkpoint(self._attention_branch, x, shift, mask, use_reentrant=False)
         else:
-            x = x + self.drop_path1(self.norm1(self._window_attention(x, shift, mask)))
+            branch = self._attention_branch(x, shift, mask)
+        x = x + self.drop_path1(branch)
         return x + self.drop_path2(self._mlp_branch(x))
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0),
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.recompute == "none" or not torch.is_grad_enabled():
+            return self._forward(x, shift, mask)
+        if self.recompute == "full":
             return checkpoint(self._forward, x, shift, mask, use_reentrant=False)
-        return self._forward(x, shift, mask)
+        return self._forward(x, shift, mask, recompute_attention=True)  # "selective"
 
 
 class SwinStage(nn.Module):
@@ -242,9 +253,23 @@ class SwinTransformer(nn.Module):
     # ------------------------------------------------------------ utilities
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every block in backward instead of storing its activations."""
-        for stage in self.layers:
-            for block in stage.blocks:
-                block.grad_checkpointing = enable
+        self.set_recompute("full" if enable else "none")
+
+    RECOMPUTE_MODES = ("none", "selective", "full")
+
+    def set_recompute(self, plan: str | list[str]) -> None:
+        """What each block recomputes in backward: one mode for all blocks or a list, one per block
+        (modes: "none", "selective" = the attention branch, "full" = the whole block)."""
+        blocks = self.blocks()
+        modes = [plan] * len(blocks) if isinstance(plan, str) else list(plan)
+        if len(modes) != len(blocks) or any(m not in self.RECOMPUTE_MODES for m in modes):
+            raise ValueError(f"recompute plan must be one of {self.RECOMPUTE_MODES} or a list of "
+                             f"{len(blocks)} of them, got {plan!r}")
+        for block, mode in zip(blocks, modes):
+            block.recompute = mode
+
+    def recompute_plan(self) -> list[str]:
+        return [block.recompute for block in self.blocks()]
 
     def set_lean_training(self, enable: bool = True) -> None:
         """Use the memory-lean autograd kernels of `models/lean.py` (default) or plain autograd."""
