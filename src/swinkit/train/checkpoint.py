@@ -1,0 +1,93 @@
+"""Everything a run needs to continue exactly: RNG states, the EMA model, `last.ckpt` in and out.
+
+`last.ckpt` is a `torch.save` dict of tensors and plain Python values only, read back with
+`torch.load(weights_only=True)` (no code runs on load) and written atomically:
+
+    model, optimizer, scheduler, scaler, ema     state dicts (scaler / ema may be None)
+    rng                                          one entry per rank: python, numpy, torch CPU, CUDA
+    position                                     {epoch, micro_step (consumed in that epoch), global_step}
+    best                                         {top1, epoch, step}
+    world_size, global_batch, config
+"""
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..weights.io import CheckpointError, torch_save_atomic
+
+CHECKPOINT_VERSION = 1
+
+
+def capture_rng() -> dict:
+    """The RNG state of this process (python, numpy, torch CPU, every CUDA device)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters: ema = decay * ema + (1 - decay) * param.
+
+    `module` is a frozen copy to evaluate and save; buffers (constant tables) are not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
+def save_train_state(state: dict, path: str | Path) -> Path:
+    return torch_save_atomic({"version": CHECKPOINT_VERSION, **state}, path)
+
+
+def load_train_state(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated file, foreign pickle, ...
+        raise CheckpointError(f"'{path}' cannot be resumed from: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}") from error
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "position" not in state:
+        raise CheckpointError(f"'{path}' is not a swinkit training checkpoint (version {CHECKPOINT_VERSION})")
+    return state

@@ -1,0 +1,80 @@
+"""`swinkit train`: flags and `key=value` overrides -> `TrainConfig` -> `train()` (or torchrun)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .config import PRECISIONS, load_config, save_config
+
+# flag dest -> dotted config key
+_FLAG_KEYS = {
+    "output": "output.dir", "data": "data.path", "synthetic": "data.synthetic", "model": "model.name",
+    "pretrained": "model.pretrained", "epochs": "schedule.epochs", "max_steps": "schedule.max_steps",
+    "batch_size": "train.batch_size", "lr": "optim.lr", "seed": "train.seed", "precision": "train.precision",
+    "grad_checkpointing": "model.grad_checkpointing", "drop_path": "model.drop_path_rate",
+    "save_every": "train.save_every", "workers": "data.workers", "resume": "train.resume",
+    "compile": "train.compile", "nproc": "train.nproc", "device": "train.device",
+}
+
+
+def config_from_args(args: argparse.Namespace):
+    """Defaults <- --config file (or, resuming without one, OUTPUT/config.yaml) <- flags <- key=value."""
+    values = {key: getattr(args, dest) for dest, key in _FLAG_KEYS.items()
+              if getattr(args, dest) is not None and getattr(args, dest) is not False}
+    if args.no_augment:
+        values["augment.enabled"] = False
+    path = args.config
+    if path is None and args.resume and args.output and (Path(args.output) / "config.yaml").is_file():
+        path = Path(args.output) / "config.yaml"
+    return load_config(path, [*args.set_overrides, *args.overrides], values)
+
+
+def _cmd_train(args) -> int:
+    from . import distributed
+    from .trainer import train
+
+    config = config_from_args(args)
+    if config.train.nproc > 1 and not distributed.launched_by_torchrun():
+        out = Path(config.output.dir)
+        launch = save_config(config, out / ".launch_config.yaml")
+        return distributed.relaunch_with_torchrun(config.train.nproc, ["--config", str(launch)])
+    result = train(config)
+    if os.environ.get("RANK", "0") == "0":
+        best = result["best_top1"]
+        tail = f", best val top-1 {best:.2f}%" if best is not None and best >= 0 else ""
+        print(f"trained {result['steps']} steps{tail}; outputs in {result['output']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train or fine-tune a Swin model (YAML recipe + overrides)",
+                              description="Train a Swin model. Flags override the --config file; trailing "
+                                          "key=value pairs (e.g. optim.lr=1e-3 model.arch.embed_dim=64) "
+                                          "override any config key.")
+    p.add_argument("--config", help="YAML recipe (see configs/)")
+    p.add_argument("--output", help="run folder (config.yaml, metrics.jsonl, last.ckpt, *.safetensors, ...)")
+    p.add_argument("--data", help="dataset root holding train/ and val/ image folders")
+    p.add_argument("--synthetic", action="store_true", help="random images and labels, no files")
+    p.add_argument("--model", help="registry model name")
+    p.add_argument("--pretrained", help="initial weights (any checkpoint layout)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, help="images per process per micro-step")
+    p.add_argument("--lr", type=float, help="base lr (per optim.lr_reference_batch images when optim.scale_lr)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    p.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    p.add_argument("--no-augment", action="store_true", help="no random augmentation, mixup or cutmix")
+    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and at every epoch end)")
+    p.add_argument("--workers", type=int, help="data loading processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last.ckpt")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--nproc", type=int, help="processes (relaunches itself under torchrun)")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override that may stand anywhere (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides after the flags, e.g. optim.lr=1e-3 model.arch.embed_dim=64")
+    p.set_defaults(func=_cmd_train)
