@@ -76,3 +76,23 @@ def test_lean_training_saves_less(version):
     plain = saved_bytes(model, x)
     model.set_lean_training(True)
     assert saved_bytes(model, x) < 0.75 * plain
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_lean_kernels_follow_autocast(version):
+    """Under bf16 autocast the lean kernels train like plain autocast (same dtypes, close gradients)."""
+    model = perturbed(version, torch.float32).train()
+    x = torch.randn(2, 3, 64, 70)
+    results = {}
+    for lean in (False, True):
+        model.set_lean_training(lean)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().logsumexp(-1).mean()
+        loss.backward()
+        results[lean] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    assert torch.allclose(results[True][0], results[False][0], rtol=2e-2)
+    plain = torch.cat([g.flatten() for g in results[False][1]])
+    lean = torch.cat([g.flatten() for g in results[True][1]])
+    assert torch.nn.functional.cosine_similarity(plain, lean, dim=0) > 0.99

@@ -37,18 +37,22 @@ def _linear_grads(grad_out: torch.Tensor, inputs: torch.Tensor, weight: torch.Te
 class _MlpBranch(torch.autograd.Function):
     """v1: `fc2(gelu(fc1(norm(x))))`; v2: `norm(fc2(gelu(fc1(x))))`. `[..., C]` -> `[..., C]`."""
 
+    # Matmuls run in the dtype of w1/w2 and LayerNorm in the dtype of its parameters: under
+    # autocast the caller passes half-precision weights and fp32 norms, as autocast itself would.
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, pre_norm: bool):
         channels = x.shape[-1]
         if pre_norm:
-            normed, mean, rstd = aten.native_layer_norm(x, [channels], norm_weight, norm_bias, eps)
-            hidden = F.linear(normed, w1, b1)
+            normed, mean, rstd = aten.native_layer_norm(x.to(norm_weight.dtype), [channels], norm_weight,
+                                                        norm_bias, eps)
+            hidden = F.linear(normed.to(w1.dtype), w1, b1)
             out = F.linear(F.gelu(hidden), w2, b2)
             ctx.save_for_backward(x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2)
         else:
-            hidden = F.linear(x, w1, b1)
+            hidden = F.linear(x.to(w1.dtype), w1, b1)
             projected = F.linear(F.gelu(hidden), w2, b2)
-            out, mean, rstd = aten.native_layer_norm(projected, [channels], norm_weight, norm_bias, eps)
+            out, mean, rstd = aten.native_layer_norm(projected.to(norm_weight.dtype), [channels], norm_weight,
+                                                     norm_bias, eps)
             ctx.save_for_backward(x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2, projected)
         ctx.eps, ctx.pre_norm = eps, pre_norm
         return out
@@ -57,29 +61,45 @@ class _MlpBranch(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2, *rest = ctx.saved_tensors
         channels = x.shape[-1]
-        mask = [True, norm_weight is not None, norm_bias is not None]
+        mask = [True, True, True]
         if ctx.pre_norm:
             grad_projected = grad_out
-            normed = aten.native_layer_norm(x, [channels], norm_weight, norm_bias, ctx.eps)[0]
+            normed = aten.native_layer_norm(x.to(norm_weight.dtype), [channels], norm_weight, norm_bias,
+                                            ctx.eps)[0].to(w1.dtype)
         else:
             grad_projected, grad_norm_w, grad_norm_b = aten.native_layer_norm_backward(
-                grad_out, rest[0], [channels], mean, rstd, norm_weight, norm_bias, mask)
-            normed = x
-        grad_act, grad_w2, grad_b2 = _linear_grads(grad_projected, F.gelu(hidden), w2)
+                grad_out.to(norm_weight.dtype), rest[0].to(norm_weight.dtype), [channels], mean, rstd,
+                norm_weight, norm_bias, mask)
+            normed = x.to(w1.dtype)
+        grad_act, grad_w2, grad_b2 = _linear_grads(grad_projected.to(w2.dtype), F.gelu(hidden), w2)
         grad_hidden = aten.gelu_backward(grad_act, hidden)
         grad_normed, grad_w1, grad_b1 = _linear_grads(grad_hidden, normed, w1)
         if ctx.pre_norm:
             grad_x, grad_norm_w, grad_norm_b = aten.native_layer_norm_backward(
-                grad_normed, x, [channels], mean, rstd, norm_weight, norm_bias, mask)
+                grad_normed.to(norm_weight.dtype), x.to(norm_weight.dtype), [channels], mean, rstd,
+                norm_weight, norm_bias, mask)
         else:
             grad_x = grad_normed
-        return grad_x, grad_norm_w, grad_norm_b, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+        return (grad_x.to(x.dtype), grad_norm_w, grad_norm_b, grad_w1, grad_b1, grad_w2, grad_b2, None, None)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def mlp_branch(x: torch.Tensor, norm: torch.nn.LayerNorm, mlp, pre_norm: bool) -> torch.Tensor:
-    """The MLP residual branch of a block, storing only its input and fc1's output for backward."""
-    return _MlpBranch.apply(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                            mlp.fc2.bias, norm.eps, pre_norm)
+    """The MLP residual branch of a block, storing only its input and fc1's output for backward.
+
+    Under autocast the matmul weights are cast (differentiably) to the autocast dtype and
+    LayerNorm stays in fp32, the same split autocast applies to the plain modules.
+    """
+    weights = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    device_type = x.device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return _MlpBranch.apply(x, norm.weight, norm.bias, *weights, norm.eps, pre_norm)
+    with torch.autocast(device_type, enabled=False):
+        return _MlpBranch.apply(x, norm.weight, norm.bias, *(w.to(dtype) for w in weights), norm.eps, pre_norm)
 
 
 def _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale):
@@ -98,8 +118,9 @@ def _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale):
         k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         q_unit, k_unit = q / q_norm, k / k_norm
         temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()
-        scores = torch.matmul(q_unit * temperature, k_unit.transpose(-2, -1))
-    probs = torch.softmax(scores + bias_mask, dim=-1)
+        scores = torch.matmul(q_unit * temperature.to(q.dtype), k_unit.transpose(-2, -1))
+    softmax_dtype = torch.promote_types(qkv.dtype, torch.float32)  # at least fp32 under AMP
+    probs = torch.softmax(scores.to(softmax_dtype) + bias_mask.to(softmax_dtype), dim=-1).to(qkv.dtype)
     return probs, q, k, v, q_unit, k_unit, q_norm, k_norm
 
 
@@ -112,6 +133,7 @@ class _WindowAttention(torch.autograd.Function):
         probs, _, _, v, *_ = _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale)
         out = torch.matmul(probs, v)  # [B, nW, heads, N, head_dim]
         ctx.save_for_backward(qkv, bias_mask, logit_scale)
+        ctx.bias_dtype = bias.dtype
         ctx.scale, ctx.num_windows, ctx.has_mask = scale, num_windows, mask is not None
         batch_windows, tokens, _, heads, head_dim = qkv.shape
         return out.permute(0, 1, 3, 2, 4).reshape(batch_windows, tokens, heads * head_dim)
@@ -122,22 +144,26 @@ class _WindowAttention(torch.autograd.Function):
         batch_windows, tokens, _, heads, head_dim = qkv.shape
         probs, q, k, v, q_unit, k_unit, q_norm, k_norm = _attention_scores(
             qkv, bias_mask, ctx.num_windows, ctx.scale, logit_scale)
-        grad_o = grad_out.view(batch_windows // ctx.num_windows, ctx.num_windows, tokens, heads, head_dim) \
+        grad_o = grad_out.to(qkv.dtype).view(batch_windows // ctx.num_windows, ctx.num_windows, tokens, heads, head_dim) \
                          .permute(0, 1, 3, 2, 4)
         grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
         grad_probs = torch.matmul(grad_o, v.transpose(-2, -1))
-        grad_scores = aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        softmax_dtype = torch.promote_types(qkv.dtype, torch.float32)
+        grad_scores = aten._softmax_backward_data(grad_probs.to(softmax_dtype), probs.to(softmax_dtype), -1,
+                                                  softmax_dtype)
         grad_bias_mask = grad_scores.sum(0)  # [nW, heads, N, N]
-        grad_bias = grad_bias_mask.sum(0) if ctx.has_mask else grad_bias_mask.squeeze(0)
+        grad_bias = (grad_bias_mask.sum(0) if ctx.has_mask else grad_bias_mask.squeeze(0)).to(ctx.bias_dtype)
+        grad_scores = grad_scores.to(qkv.dtype)
         grad_logit_scale = None
         if logit_scale is None:
             grad_q = torch.matmul(grad_scores, k) * ctx.scale
             grad_k = torch.matmul(grad_scores.transpose(-2, -1), q * ctx.scale)
         else:
             temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()  # [heads, 1, 1]
-            grad_q_unit = torch.matmul(grad_scores, k_unit) * temperature
-            grad_k_unit = torch.matmul(grad_scores.transpose(-2, -1), q_unit) * temperature
-            grad_temperature = (grad_q_unit * q_unit).sum(dim=(0, 1, 3, 4)).view_as(temperature) / temperature
+            grad_q_unit = torch.matmul(grad_scores, k_unit) * temperature.to(qkv.dtype)
+            grad_k_unit = torch.matmul(grad_scores.transpose(-2, -1), q_unit) * temperature.to(qkv.dtype)
+            grad_temperature = (grad_q_unit * q_unit).to(temperature.dtype).sum(dim=(0, 1, 3, 4))
+            grad_temperature = grad_temperature.view_as(temperature) / temperature
             grad_logit_scale = grad_temperature * temperature * (logit_scale <= LOG_MAX_LOGIT_SCALE)
             grad_q = (grad_q_unit - q_unit * (grad_q_unit * q_unit).sum(-1, keepdim=True)) / q_norm
             grad_k = (grad_k_unit - k_unit * (grad_k_unit * k_unit).sum(-1, keepdim=True)) / k_norm
@@ -156,5 +182,8 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor |
     Returns `[B * num_windows, N, heads * head_dim]`.
     """
     num_windows = 1 if mask is None else mask.shape[0]
-    return _WindowAttention.apply(qkv, bias, None if mask is None else mask.to(bias.dtype), logit_scale, scale,
-                                  num_windows)
+    mask = None if mask is None else mask.to(bias.dtype)
+    if _autocast_dtype(qkv.device.type) is None:
+        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows)
+    with torch.autocast(qkv.device.type, enabled=False):
+        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows)

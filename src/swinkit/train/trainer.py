@@ -231,9 +231,6 @@ class Trainer:
         model = self.model_raw
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        if self.amp_dtype is not None and hasattr(model, "set_lean_training"):
-            # models/lean.py's autograd kernels do not follow autocast dtypes yet: plain autograd under AMP.
-            model.set_lean_training(False)
         model.to(self.device)
         self.fsdp = env.distributed and cfg.train.strategy == "fsdp"
         if self.fsdp:
