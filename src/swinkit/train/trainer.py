@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 from ..api import create_model, load_weights, save_weights
 from ..data import (DataError, ImageFolderDataset, SyntheticDataset, build_eval_transform, build_mixup_cutmix,
                     build_train_transform, resolve_split)
+from ..infer.runner import META_CLASSES, Preprocess
 from ..models.registry import SwinConfig
 from ..models.swin import SwinTransformer
 from ..weights.io import CheckpointError
@@ -81,22 +81,6 @@ def _channel_values(values, in_chans: int, what: str) -> list[float]:
     raise ConfigError(f"data.{what} has {len(values)} values but the model takes {in_chans} channels")
 
 
-@dataclass
-class Preprocess:
-    """What eval/predict need to feed the trained model; stored in the weights' metadata."""
-
-    img_size: tuple[int, int]
-    in_chans: int
-    mean: list[float]
-    std: list[float]
-    crop_pct: float
-    interpolation: str
-
-    def to_json(self) -> str:
-        return json.dumps({"img_size": list(self.img_size), "in_chans": self.in_chans, "mean": self.mean,
-                           "std": self.std, "crop_pct": self.crop_pct, "interpolation": self.interpolation})
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, env: distributed.DistEnv):
         self.config, self.env = config, env
@@ -117,7 +101,7 @@ class Trainer:
         self.classes = classes or [f"class_{i}" for i in range(self.model_raw.num_classes)]
         model_config = self.model_raw.config
         in_chans = model_config.in_chans
-        self.preprocess = Preprocess(tuple(model_config.img_size), in_chans,
+        self.preprocess = Preprocess(model_config.img_size, in_chans,
                                      _channel_values(config.data.mean or model_config.mean, in_chans, "mean"),
                                      _channel_values(config.data.std or model_config.std, in_chans, "std"),
                                      config.data.crop_pct, config.data.interpolation)
@@ -167,7 +151,7 @@ class Trainer:
         model.img_size = pre.img_size[0] if pre.img_size[0] == pre.img_size[1] else None
         model.in_chans = pre.in_chans
         model.drop_path_rate = self.model_raw.config.drop_path_rate
-        self.config.data.mean, self.config.data.std = pre.mean, pre.std
+        self.config.data.mean, self.config.data.std = list(pre.mean), list(pre.std)
 
     def _build_loaders(self, train_base, val_base) -> None:
         cfg, env, pre = self.config, self.env, self.preprocess
@@ -289,7 +273,7 @@ class Trainer:
         return self.optimizer.state_dict()
 
     def _weights_metadata(self, source: str) -> dict:
-        return {"swinkit_classes": json.dumps(self.classes), "swinkit_preprocess": self.preprocess.to_json(),
+        return {META_CLASSES: json.dumps(self.classes), **self.preprocess.to_metadata(),
                 "swinkit_weights": source, "swinkit_step": str(self.position["global_step"])}
 
     def _write_weights(self, state: dict, path: Path, source: str) -> None:
