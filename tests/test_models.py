@@ -1,6 +1,8 @@
 """The model itself: every variant's size, agreement with timm, any input size, and its utilities."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -177,3 +179,13 @@ def test_list_models_pattern():
     assert "swinv2_tiny_window8_256" in swinkit.list_models("swinv2_*")
     assert all(n.startswith("swinv2") for n in swinkit.list_models("swinv2_*"))
     assert len([n for n in swinkit.list_models() if n in STANDARD_MODELS]) == 18
+
+
+def test_cli_info_and_unknown_name(capsys):
+    from swinkit.cli import main
+    assert main(["info", "swin_tiny_patch4_window7_224", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_m"] == 28.29 and info["gmacs"] == 4.49 and info["window"] == 7
+    assert main(["info", "swin_tiny_patch4_window8_224"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'swin_tiny_patch4_window8_224'" in err and "swin_tiny_patch4_window7_224" in err
