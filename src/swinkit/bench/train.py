@@ -1,0 +1,365 @@
+"""`swinkit bench train`: MegEngine's training table — for each setting, the largest batch that
+trains within a memory budget, its s/step and img/s, and the ratios to plain fp32 training.
+
+Everything in the table is measured: every candidate batch runs real training steps in a child
+process (`bench/train_child.py`) whose own peak memory decides whether it fits. The search
+doubles the batch until a candidate passes the budget, then bisects; the largest batch that fit
+is then timed over `--steps` steps; the timing runs of all settings follow one another after
+all searches, so they see the same machine load. Settings:
+
+    none            fp32, no recomputation
+    amp             bf16 autocast on CPU (fp16/bf16 on CUDA)
+    recompute       fp32, `train.memory.plan_for_budget` for each candidate batch
+                    (every block recomputed where no cheaper plan is expected to fit)
+    recompute+amp   both
+
+The table also gives saved-activation bytes per image (`saved_tensors_hooks` count) for
+swinkit and, with `--compare timm`, for timm's model of the same architecture, whose plain fp32
+training gets a row of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..train import memory
+from .train_child import OVER_BUDGET_EXIT, SETTINGS, build_model, lean_autocast_ok
+
+ROW_KEYS = ("setting", "impl", "max_batch", "s_per_step", "img_per_s", "batch_ratio", "throughput_pct",
+            "peak_bytes", "saved_bytes_per_image", "plan", "capped")
+
+
+@dataclass
+class Probe:
+    """One child run: did `batch` fit, and what it measured (the child's JSON line)."""
+
+    batch: int
+    fits: bool
+    result: dict
+
+
+class ChildError(RuntimeError):
+    """A training child failed for a reason other than the budget."""
+
+
+def run_child(model: str, batch: int, *, setting: str = "none", budget: int | None = None, steps: int = 1,
+              warmup: int = 1, plan: list[str] | None = None, impl: str = "swinkit", img_size: int | None = None,
+              device: str = "cpu", threads: int | None = None, timeout: float | None = None) -> Probe:
+    """Train `batch` images per step in a fresh process and read back its measurements."""
+    command = [sys.executable, "-m", "swinkit.bench.train_child", "--model", model, "--batch", str(batch),
+               "--steps", str(steps), "--warmup", str(warmup), "--setting", setting, "--impl", impl,
+               "--device", device]
+    if budget:
+        command += ["--budget", str(int(budget))]
+    if plan:
+        command += ["--plan", ",".join(plan)]
+    if img_size:
+        command += ["--img-size", str(img_size)]
+    if threads:
+        command += ["--threads", str(threads)]
+    env = dict(os.environ)
+    source_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {}
+    if done.returncode == OVER_BUDGET_EXIT:
+        return Probe(batch, False, result)
+    if done.returncode != 0 or not result.get("ok"):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise ChildError(f"training child for {model} batch {batch} ({setting}) exited with {done.returncode}: "
+                         + " | ".join(tail))
+    return Probe(batch, True, result)
+
+
+def search_max_batch(probe, max_batch: int, tolerance: float = 0.0) -> tuple[Probe | None, list[Probe]]:
+    """Largest batch for which `probe(batch).fits`: double from 1 until one does not fit (or
+    `max_batch` is reached), then bisect until the bracket is within `tolerance` of the batch
+    (0: exact). Returns (the largest fitting probe or None, every probe in order)."""
+    history: list[Probe] = []
+    best, over = None, None
+    batch = 1
+    while True:
+        result = probe(batch)
+        history.append(result)
+        if not result.fits:
+            over = batch
+            break
+        best = result
+        if batch >= max_batch:
+            return best, history
+        batch = min(batch * 2, max_batch)
+    if best is None:
+        return None, history
+    low, high = best.batch, over
+    while high - low > max(1, int(tolerance * low)):
+        middle = (low + high) // 2
+        result = probe(middle)
+        history.append(result)
+        if result.fits:
+            best, low = result, middle
+        else:
+            high = middle
+    return best, history
+
+
+class _Planner:
+    """Recompute plans per candidate batch, from one activation profile per precision and the
+    fixed memory of a training child (its measured baseline, from the first probe that reports it)."""
+
+    def __init__(self, model, budget: int, img_size: int, measure_baseline):
+        self.model, self.budget, self.img_size = model, budget, img_size
+        self.measure_baseline = measure_baseline
+        self.baseline: int | None = None
+        self.profiles: dict[str, memory.Profile] = {}
+
+    def saw(self, result: dict) -> None:
+        if self.baseline is None and result.get("baseline_bytes"):
+            self.baseline = result["baseline_bytes"]
+
+    def profile(self, amp: bool) -> memory.Profile:
+        key = "bf16-mixed" if amp else "fp32"
+        if key not in self.profiles:
+            # the child trains with plain autograd where the lean kernels cannot run under autocast
+            plain = amp and not lean_autocast_ok(self.model, torch.device("cpu"))
+            self.model.set_lean_training(not plain)
+            try:
+                self.profiles[key] = memory.activation_profile(self.model, self.img_size, precision=key)
+            finally:
+                self.model.set_lean_training(True)
+        return self.profiles[key]
+
+    def plan(self, batch: int, amp: bool) -> list[str]:
+        if self.baseline is None:
+            self.baseline = self.measure_baseline()
+        fixed = memory.fixed_bytes(self.model, baseline_bytes=self.baseline)
+        try:
+            return memory.plan_for_budget(self.model, batch, self.budget, profile=self.profile(amp),
+                                          fixed=fixed).modes
+        except ValueError:
+            return ["full"] * len(self.model.blocks())
+
+
+def bf16_matmul_cost(size: int = 768, repeats: int = 5) -> dict:
+    """GFLOP/s of an fp32 and a bf16 square matmul on this machine (what autocast's matmuls pay)."""
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.matmul(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+        results[str(dtype).replace("torch.", "")] = 2 * size ** 3 / min(times) / 1e9
+    return results
+
+
+def machine_info(device: str = "cpu") -> dict:
+    cpu = platform.processor() or platform.machine()
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_units": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "recompute", "recompute+amp"), *,
+                compare: tuple[str, ...] = (), steps: int = 2, img_size: int | None = None, max_batch: int = 4096,
+                batch: int | None = None, tolerance: float = 0.0, device: str = "cpu", threads: int | None = None,
+                child_timeout: float | None = None, log=None) -> dict:
+    """Measure every setting; returns {"rows": [...], "machine": {...}, "saved_bytes_per_image": {...}, ...}.
+
+    `batch` skips the search and measures that batch only (its row says whether it fit).
+    """
+    budget = memory.parse_size(budget)
+    settings = list(settings)
+    for setting in settings:
+        if setting not in SETTINGS:
+            raise ValueError(f"setting {setting!r} is not one of {', '.join(SETTINGS)}")
+    for peer in compare:
+        if peer != "timm":
+            raise ValueError(f"--compare {peer!r}: only 'timm' is supported")
+    log = log or (lambda message: None)
+    model = build_model(model_name, img_size=img_size)
+    img_size = img_size or model.config.img_size[0]
+    child = dict(img_size=img_size, device=device, threads=threads, timeout=child_timeout)
+
+    planner = _Planner(model, budget, img_size,
+                       lambda: run_child(model_name, 1, steps=0, warmup=0, **child).result["baseline_bytes"])
+    saved = {"swinkit": planner.profile(False).activation_bytes(["none"] * len(model.blocks()))}
+    if "timm" in compare:
+        saved["timm"] = memory.saved_bytes_per_image(build_model(model_name, "timm", img_size), img_size)
+
+    jobs = [(setting, "swinkit") for setting in settings] + [("none", "timm") for _ in compare]
+    found = {}
+    for setting, impl in jobs:  # first every search, then every timing run back to back (same load)
+        amp, recompute = "amp" in setting, "recompute" in setting and impl == "swinkit"
+
+        def probe(candidate, steps_=1, setting=setting, impl=impl, amp=amp, recompute=recompute):
+            plan = planner.plan(candidate, amp) if recompute else None
+            result = run_child(model_name, candidate, setting=setting, budget=budget, steps=steps_, plan=plan,
+                               impl=impl, **child)
+            if impl == "swinkit":
+                planner.saw(result.result)
+            log(f"  {impl} {setting:<13} batch {candidate:>5}: "
+                + (f"peak {memory.format_size(result.result['peak_bytes'])}" if result.fits else "over budget"))
+            return result
+
+        if batch is not None:
+            best = probe(batch, steps)
+            found[setting, impl] = (best if best.fits else None, probe)
+        else:
+            found[setting, impl] = (search_max_batch(probe, max_batch, tolerance)[0], probe)
+    rows = []
+    for (setting, impl), (best, probe) in found.items():
+        if best is not None and batch is None and steps > 1:
+            timed = probe(best.batch, steps)
+            best = timed if timed.fits else best  # a timing run that crept over keeps the search result
+        amp = "amp" in setting
+        row = {"setting": setting if impl == "swinkit" else f"timm {setting}", "impl": impl,
+               "max_batch": best.batch if best else 0,
+               "s_per_step": best.result["s_per_step"] if best else None,
+               "img_per_s": best.result["img_per_s"] if best else None,
+               "peak_bytes": best.result["peak_bytes"] if best else None,
+               "plan": _plan_summary(best.result.get("plan")) if best else None,
+               "capped": bool(best and batch is None and best.batch >= max_batch),
+               "lean": best.result.get("lean") if best else None}
+        if impl == "swinkit" and best:
+            modes = best.result.get("plan") or ["none"] * len(model.blocks())
+            row["saved_bytes_per_image"] = planner.profile(amp).activation_bytes(modes)
+        else:
+            row["saved_bytes_per_image"] = saved.get(impl) if not amp else None
+        rows.append(row)
+
+    reference = next((r for r in rows if r["setting"] == "none" and r["max_batch"]), None)
+    for row in rows:
+        row["batch_ratio"] = row["max_batch"] / reference["max_batch"] if reference else None
+        row["throughput_pct"] = (100 * row["img_per_s"] / reference["img_per_s"]
+                                 if reference and row["img_per_s"] else None)
+    report = {"model": model_name, "img_size": img_size, "budget_bytes": budget, "steps": steps, "fixed_batch": batch,
+              "machine": machine_info(device), "saved_bytes_per_image": saved, "rows": rows}
+    if any("amp" in s for s in settings) and device == "cpu":
+        report["bf16_matmul_gflops"] = bf16_matmul_cost()
+    report["machine"]["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return report
+
+
+def _plan_summary(modes: list[str] | None) -> str | None:
+    if not modes:
+        return None
+    counts = {mode: modes.count(mode) for mode in memory.MODES if modes.count(mode)}
+    if list(counts) == ["none"]:
+        return "none"
+    return ", ".join(f"{mode} {count}" for mode, count in counts.items() if mode != "none") + f" of {len(modes)}"
+
+
+def _fmt(value, pattern: str, missing: str = "-") -> str:
+    return missing if value is None else pattern.format(value)
+
+
+def format_table(report: dict) -> str:
+    machine = report["machine"]
+    units = ", ".join(machine["bf16_units"]) or "none"
+    lines = [
+        f"swinkit bench train: {report['model']} at {report['img_size']}px, memory budget "
+        f"{memory.format_size(report['budget_bytes'])}, AdamW + cross-entropy on synthetic data, "
+        f"{report['steps']} timed step(s)"
+        + (f"; fixed batch {report['fixed_batch']} (no search)" if report.get("fixed_batch") else ""),
+        f"{machine.get('gpu') or machine['cpu']} ({machine['cpu_capability']}, bf16 instructions: {units}), "
+        f"{machine['threads']} threads, torch {machine['torch']}, load average {machine['load_average']} -> "
+        f"{machine['load_average_end']}",
+        "",
+        f"| {'setting':<14} | {'max batch':>9} | {'s/step':>7} | {'img/s':>6} | {'batch x':>7} | "
+        f"{'throughput':>10} | {'peak':>8} | {'saved/img':>9} | recompute plan",
+        f"|{'-' * 16}|{'-' * 11}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 16}",
+    ]
+    for row in report["rows"]:
+        batch = f"{row['max_batch']}{'+' if row['capped'] else ''}" if row["max_batch"] else "none fit"
+        saved = row.get("saved_bytes_per_image")
+        lines.append(
+            f"| {row['setting']:<14} | {batch:>9} | {_fmt(row['s_per_step'], '{:.2f}'):>7} | "
+            f"{_fmt(row['img_per_s'], '{:.2f}'):>6} | {_fmt(row['batch_ratio'], '{:.2f}x'):>7} | "
+            f"{_fmt(row['throughput_pct'], '{:.0f}%'):>10} | "
+            f"{_fmt(row['peak_bytes'], '{}', '-') if row['peak_bytes'] is None else memory.format_size(row['peak_bytes']):>8} | "
+            f"{'-' if saved is None else memory.format_size(saved):>9} | {row['plan'] or '-'}")
+    lines.append("")
+    saved = report["saved_bytes_per_image"]
+    line = f"saved activations per image (fp32, saved_tensors_hooks): swinkit {memory.format_size(saved['swinkit'])}"
+    if "timm" in saved:
+        line += f", timm {memory.format_size(saved['timm'])} (swinkit/timm = {saved['swinkit'] / saved['timm']:.2f})"
+    lines.append(line)
+    if any(r["capped"] for r in report["rows"]):
+        lines.append("+ the search stopped at --max-batch; the budget holds more")
+    gflops = report.get("bf16_matmul_gflops")
+    if gflops:
+        by_setting = {r["setting"]: r for r in report["rows"]}
+        note = (f"bf16 autocast on this CPU: a {768}^3 matmul runs at {gflops['bfloat16']:.0f} GFLOP/s in bf16 vs "
+                f"{gflops['float32']:.0f} in fp32 ({gflops['bfloat16'] / gflops['float32']:.2f}x)")
+        if not report["machine"]["bf16_units"]:
+            note += "; without BF16 instructions bf16 is converted to fp32 for every matmul"
+        amp_row, none_row = by_setting.get("amp"), by_setting.get("none")
+        if amp_row and none_row and amp_row["s_per_step"] and none_row["s_per_step"]:
+            per_image = (amp_row["s_per_step"] / amp_row["max_batch"]) / (none_row["s_per_step"] / none_row["max_batch"])
+            note += f"; amp training takes {per_image:.2f}x the time per image of fp32"
+        if any(r.get("lean") is False for r in report["rows"]):
+            note += ("; the memory-lean kernels do not run under autocast yet, so amp rows train with plain "
+                     "autograd")
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def _cmd_train(args) -> int:
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    log = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
+    report = bench_train(args.model, args.memory_budget, settings, compare=tuple(args.compare or ()),
+                         steps=args.steps, img_size=args.img_size, max_batch=args.max_batch, batch=args.batch,
+                         tolerance=args.tolerance, device=args.device, threads=args.threads, log=log)
+    if args.json:
+        print(json.dumps(report["rows"], indent=2))
+    else:
+        print(format_table(report))
+    return 0
+
+
+def register_train(bench_subparsers) -> None:
+    """Add `train` to the `swinkit bench` subcommands."""
+    parser = bench_subparsers.add_parser(
+        "train", help="max batch and img/s within a memory budget per setting (MegEngine's table)",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model name, e.g. swin_tiny_patch4_window7_224")
+    parser.add_argument("--memory-budget", required=True, help="e.g. 6GB, 2.5G, 512MiB")
+    parser.add_argument("--settings", default="none,amp,recompute,recompute+amp",
+                        help="comma-separated: " + ", ".join(SETTINGS))
+    parser.add_argument("--compare", action="append", choices=("timm",),
+                        help="also measure timm's model of the same architecture")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps at the final batch (default 2)")
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--max-batch", type=int, default=4096, help="stop the search here")
+    parser.add_argument("--batch", type=int, default=None, help="measure this batch only (no search)")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="stop bisecting when the bracket is within this fraction of the batch (default exact)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each child")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(func=_cmd_train)

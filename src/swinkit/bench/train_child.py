@@ -1,0 +1,191 @@
+"""One training measurement in its own process, so its peak memory is its own:
+
+    python -m swinkit.bench.train_child --model NAME --batch B [--steps N] [--setting none|amp|recompute|...]
+                                        [--plan MODES] [--budget BYTES] [--impl swinkit|timm]
+
+Runs `warmup + steps` real training steps (AdamW, cross-entropy, synthetic data) and prints one
+JSON line: peak bytes (CPU: the process's resident high-water mark, VmHWM; CUDA: the allocator's
+`max_memory_allocated`), baseline bytes after building the model, median s/step and img/s.
+
+A watchdog thread reads the process's resident size every few milliseconds; when it passes
+`--budget` the child prints `{"over_budget": true, ...}` and exits with `OVER_BUDGET_EXIT`, so a
+candidate batch that does not fit never drives the machine into a real out-of-memory.
+On CUDA the allocator is capped at the budget instead and its OutOfMemoryError means the same.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..train.memory import peak_rss, process_rss, return_freed_memory
+
+OVER_BUDGET_EXIT = 75
+SETTINGS = ("none", "amp", "recompute", "recompute+amp")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CPU; fp16 on CUDA unless the GPU does bf16 (then bf16: no loss scaling needed)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def build_model(name: str, impl: str = "swinkit", img_size: int | None = None, num_classes: int | None = None):
+    """swinkit's model, or timm's with the same architecture (timm's registry name where it has one)."""
+    import swinkit
+    config = swinkit.get_config(name)
+    if img_size is not None:
+        config = config.replace(img_size=img_size)
+    if num_classes is not None:
+        config = config.replace(num_classes=num_classes)
+    if impl == "swinkit":
+        return swinkit.SwinTransformer(config, name=name)
+    if impl != "timm":
+        raise ValueError(f"impl must be 'swinkit' or 'timm', got {impl!r}")
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    kwargs = dict(img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
+                  num_classes=config.num_classes, embed_dim=config.embed_dim, depths=config.depths,
+                  num_heads=config.num_heads, window_size=config.window_size, mlp_ratio=config.mlp_ratio,
+                  qkv_bias=config.qkv_bias, drop_path_rate=config.drop_path_rate)
+    if config.version == 2:
+        return SwinTransformerV2(pretrained_window_sizes=config.pretrained_window_sizes, **kwargs)
+    return SwinTransformer(**kwargs)
+
+
+def lean_autocast_ok(model, device: torch.device) -> bool:
+    """Whether the model's memory-lean kernels run backward under autocast (else train it plain)."""
+    if not hasattr(model, "set_lean_training"):
+        return True
+    from ..models.lean import mlp_branch
+    block = model.blocks()[0]
+    x = torch.randn(1, 2, 2, block.norm2.normalized_shape[0], device=device, requires_grad=True)
+    try:
+        with torch.autocast(device.type, dtype=amp_dtype(device)):
+            out = mlp_branch(x, block.norm2, block.mlp, pre_norm=block.version == 1)
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    finally:
+        block.zero_grad(set_to_none=True)
+    return True
+
+
+class Watchdog(threading.Thread):
+    """Exits the process with OVER_BUDGET_EXIT as soon as its resident size passes `budget` bytes."""
+
+    def __init__(self, budget: int, baseline: int, interval: float = 0.004):
+        super().__init__(daemon=True)
+        self.budget, self.baseline, self.interval = budget, baseline, interval
+
+    def run(self):
+        while True:
+            rss = process_rss()
+            if rss > self.budget:
+                over_budget(max(rss, peak_rss()), self.budget, self.baseline)
+            time.sleep(self.interval)
+
+
+def over_budget(peak: int, budget: int, baseline: int) -> None:
+    print(json.dumps({"ok": False, "over_budget": True, "peak_bytes": peak, "budget_bytes": budget,
+                      "baseline_bytes": baseline}), flush=True)
+    os._exit(OVER_BUDGET_EXIT)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m swinkit.bench.train_child", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--setting", choices=SETTINGS, default="none")
+    parser.add_argument("--plan", default=None, help="comma-separated recompute mode per block, or one mode")
+    parser.add_argument("--budget", type=int, default=None, help="bytes; exit %d when passed" % OVER_BUDGET_EXIT)
+    parser.add_argument("--impl", choices=("swinkit", "timm"), default="swinkit")
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="leave glibc's malloc as it is (default: return freed memory, as the trainer does "
+                             "under --memory-budget)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.keep_freed_memory:
+        return_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.impl, args.img_size, args.num_classes).to(device).train()
+    amp = "amp" in args.setting
+    lean = True
+    if hasattr(model, "set_recompute"):
+        if args.plan:
+            modes = args.plan.split(",")
+            model.set_recompute(modes[0] if len(modes) == 1 else modes)
+        if amp and not lean_autocast_ok(model, device):
+            model.set_lean_training(False)
+            lean = False
+    elif "recompute" in args.setting:
+        model.set_grad_checkpointing(True)
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else process_rss()
+    if args.budget:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(args.budget / total, 1.0), device)
+        else:
+            Watchdog(args.budget, baseline).start()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    height = width = args.img_size or model_img_size(model)
+    images = torch.randn(args.batch, 3, height, width, device=device)
+    labels = torch.randint(0, getattr(model, "num_classes", 1000), (args.batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
+    times, peaks, loss = [], [], None
+    try:
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+            peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss())
+    except torch.cuda.OutOfMemoryError:
+        over_budget(torch.cuda.max_memory_allocated(device), args.budget or 0, baseline)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+    if args.budget and peak > args.budget:
+        over_budget(peak, args.budget, baseline)  # a spike between two watchdog reads
+    s_per_step = statistics.median(times) if times else float("nan")
+    print(json.dumps({"ok": True, "batch": args.batch, "setting": args.setting, "impl": args.impl,
+                      "peak_bytes": peak, "baseline_bytes": baseline, "peak_after_step": peaks, "s_per_step": s_per_step,
+                      "img_per_s": args.batch / s_per_step if times else float("nan"),
+                      "loss": None if loss is None else float(loss.detach()), "lean": lean, "threads": torch.get_num_threads(),
+                      "plan": model.recompute_plan() if hasattr(model, "recompute_plan") else None}), flush=True)
+    return 0
+
+
+def model_img_size(model) -> int:
+    size = getattr(getattr(model, "config", None), "img_size", None) or model.patch_embed.img_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
