@@ -294,3 +294,16 @@ def test_mixed_precision_runs_on_cpu(tmp_path, precision):
         assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["scaler"] is not None
     swinkit.create_model(pretrained=tmp_path / "run" / "last.safetensors")
 
+
+
+def test_memory_budget_flag_plans_recomputation(tmp_path, caplog):
+    """--memory-budget picks a recomputation plan before training; an impossible budget is a clear error."""
+    import logging
+    from swinkit.cli import main
+    common = ["train", "--synthetic", "--model", "swin_nano_patch2_window4_32", "--batch-size", "8",
+              "--max-steps", "1", "--workers", "0", "--set", "data.val_split=null"]
+    with caplog.at_level(logging.INFO, logger="swinkit.train"):
+        assert main([*common, "--output", str(tmp_path / "ok"), "--memory-budget", "64GB"]) == 0
+    assert any("memory budget" in r.message for r in caplog.records)
+    assert main([*common, "--output", str(tmp_path / "tiny"), "--memory-budget", "1MB"]) == 2
+    assert not (tmp_path / "tiny" / "last.ckpt").exists()

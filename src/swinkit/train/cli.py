@@ -12,7 +12,8 @@ _FLAG_KEYS = {
     "output": "output.dir", "data": "data.path", "synthetic": "data.synthetic", "model": "model.name",
     "pretrained": "model.pretrained", "epochs": "schedule.epochs", "max_steps": "schedule.max_steps",
     "batch_size": "train.batch_size", "lr": "optim.lr", "seed": "train.seed", "precision": "train.precision",
-    "grad_checkpointing": "model.grad_checkpointing", "drop_path": "model.drop_path_rate",
+    "grad_checkpointing": "model.grad_checkpointing", "memory_budget": "model.memory_budget",
+    "drop_path": "model.drop_path_rate",
     "save_every": "train.save_every", "workers": "data.workers", "resume": "train.resume",
     "compile": "train.compile", "nproc": "train.nproc", "device": "train.device",
 }
@@ -66,6 +67,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="fit training in SIZE (e.g. 6GB) with the cheapest recomputation; logs the plan")
     p.add_argument("--drop-path", type=float, help="stochastic depth rate")
     p.add_argument("--no-augment", action="store_true", help="no random augmentation, mixup or cutmix")
     p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and at every epoch end)")

@@ -43,6 +43,7 @@ class ModelSection:
     in_chans: int | None = None
     drop_path_rate: float | None = None  # default: the variant's
     grad_checkpointing: bool = False
+    memory_budget: str | None = None  # e.g. "6GB": recompute just enough blocks to fit (train/memory.py)
 
 
 @dataclass

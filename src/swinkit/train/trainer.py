@@ -213,9 +213,21 @@ class Trainer:
     def _build_model_and_optimizer(self) -> None:
         cfg, env = self.config, self.env
         model = self.model_raw
+        if cfg.model.grad_checkpointing and cfg.model.memory_budget:
+            raise ConfigError("model.grad_checkpointing and model.memory_budget exclude each other: "
+                              "the budget picks the recomputation itself")
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(self.device)
+        if cfg.model.memory_budget:
+            from .memory import apply_memory_budget
+            try:
+                apply_memory_budget(model, cfg.train.batch_size, cfg.model.memory_budget,
+                                    img_size=self.preprocess.img_size, in_chans=self.preprocess.in_chans,
+                                    precision=cfg.train.precision, ema=cfg.train.ema,
+                                    log=log.info if env.is_main else None)
+            except ValueError as error:
+                raise ConfigError(f"model.memory_budget: {error}") from None
         self.fsdp = env.distributed and cfg.train.strategy == "fsdp"
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
