@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands contributed by the other packages (train, eval, predict, export, bench, ...)."""
     registers = []
-    for module_name in ("swinkit.train.cli", "swinkit.infer.cli", "swinkit.bench.cli", "swinkit.data.cli"):
+    for module_name in ("swinkit.train.cli", "swinkit.infer.cli", "swinkit.infer.cli_deploy", "swinkit.bench.cli",
+                        "swinkit.data.cli"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as error:

@@ -179,7 +179,8 @@ def load_runner(weights: str | Path, *, model_name: str | None = None,
     if not path.exists():
         raise CheckpointError(f"weights file '{path}' does not exist")
     if path.suffix == ".onnx":
-        raise CheckpointError(f"'{path}': running ONNX files is not supported by this version of swinkit")
+        from .onnx_runner import OnnxRunner  # ONNX Runtime: FP32 or INT8 exports, same preprocessing
+        return OnnxRunner(path, device=device)
     model = api.create_model(model_name, pretrained=path)
     if model.num_classes == 0:
         raise CheckpointError(f"'{path}' has no classifier head (num_classes 0); it cannot classify images")

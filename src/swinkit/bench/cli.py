@@ -1,0 +1,62 @@
+"""`swinkit bench infer` (argument parsing and printing around `bench.infer.bench_infer`) and
+`swinkit bench train` (registered from `bench.train`)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8,16, got {text!r}")
+    return values
+
+
+def _cmd_infer(args) -> int:
+    from .infer import bench_infer, format_table, plot
+    if args.model is None and args.weights is None:
+        raise ValueError("bench infer needs --model NAME or --weights FILE")
+    compare = [] if args.compare.strip().lower() in ("", "none") else args.compare.split(",")
+    result = bench_infer(args.model, weights=args.weights, batch_sizes=args.batch_sizes, compare=compare,
+                         swinkit=args.swinkit.split(","),
+                         threads=args.threads, rounds=args.rounds, warmup=args.warmup, img_size=args.img_size,
+                         calib_dir=args.calib, calib_images=args.calib_images, measure_peak=not args.no_peak)
+    if args.plot:
+        result["plot"] = str(plot(result, args.plot))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks (inference against peers)")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    infer = kinds.add_parser("infer", help="ms/batch and img/s of swinkit eager/optimized/ONNX Runtime/INT8 and peers")
+    infer.add_argument("--model", help="model name (default: what --weights holds)")
+    infer.add_argument("--weights", help="checkpoint to benchmark (peers get random weights of the same shape)")
+    infer.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma-separated (default 1,8)")
+    infer.add_argument("--compare", default="timm,torchvision,hf,onnxruntime",
+                       help="peers: timm,torchvision,hf,onnxruntime or none (missing ones are skipped with a note)")
+    infer.add_argument("--swinkit", default="eager,optimized,onnxruntime,int8",
+                       help="swinkit engines to run: eager,optimized,onnxruntime,int8")
+    infer.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime")
+    infer.add_argument("--img-size", type=int, help="square input size (default: the model's)")
+    infer.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds; the median is reported")
+    infer.add_argument("--warmup", type=int, default=2, help="untimed calls per engine and batch size")
+    infer.add_argument("--calib", help="image folder to calibrate the INT8 model on (INT8 is skipped without it)")
+    infer.add_argument("--calib-images", type=int, default=64, help="calibration images for INT8")
+    infer.add_argument("--no-peak", action="store_true", help="skip measuring the fp32 GEMM peak")
+    infer.add_argument("--json", action="store_true", help="print one JSON object")
+    infer.add_argument("--plot", help="write a bar chart of img/s to this .png")
+    infer.set_defaults(func=_cmd_infer)
+
+    try:  # `bench train` lives in its own module (the training benchmark)
+        from .train import register_train
+    except ModuleNotFoundError as error:
+        if error.name != "swinkit.bench.train":
+            raise
+    else:
+        register_train(kinds)

@@ -1,0 +1,279 @@
+"""`swinkit bench infer`: swinkit's inference engines against their peers, in one run.
+
+For each batch size every engine gets `warmup` untimed calls, then `rounds` rounds in
+which each engine runs once in turn (interleaved, so a noisy neighbour hurts all
+alike); the reported time is the median over rounds. Engines:
+
+    swinkit eager        the SwinTransformer in eval mode
+    swinkit optimized    `optimize_for_inference(model)`
+    swinkit onnxruntime  `export_onnx` (dynamic batch/H/W) in ONNX Runtime, all graph optimizations
+    swinkit int8         `quantize` of that file, calibrated on `calib_dir` (skipped without one)
+    timm eager, timm jit.trace, torchvision, hf, timm onnxruntime   (peers; see `peers.py`)
+
+Speedups are against timm's `torch.jit.trace` (FasterTransformer's baseline), falling back
+to timm eager, then to swinkit eager. The machine's fp32 GEMM peak is measured in the same
+run (a large `torch.mm`, and the same product through oneDNN; best of before and after the
+engines) and swinkit optimized is reported as a fraction of it, from the model's FLOPs
+(2 x MACs) at the input size. The optimized path's linears use oneDNN, which on AMD CPUs
+is much faster than torch.mm's BLAS, so its % of the torch.mm peak can exceed 100.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from .. import api
+from ..infer.fast import optimize_for_inference
+from . import peers
+
+log = logging.getLogger("swinkit")
+
+PEERS = ("timm", "torchvision", "hf", "onnxruntime")
+SWINKIT_ENGINES = ("eager", "optimized", "onnxruntime", "int8")
+ENGINE_ORDER = ("swinkit eager", "swinkit optimized", "swinkit onnxruntime", "swinkit int8",
+                "timm eager", "timm jit.trace", "torchvision", "hf", "timm onnxruntime")
+BASELINES = ("timm jit.trace", "timm eager", "swinkit eager")
+
+
+def gemm_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """fp32 GFLOP/s of a `size`-square matrix product: `torch.mm` (the default BLAS) and oneDNN
+    (the library the optimized path's linears use). Best of `repeats`."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    flops = 2 * size ** 3
+    result = {}
+    candidates: dict[str, Callable] = {"torch.mm": lambda: torch.mm(a, b)}
+    if torch.backends.mkldnn.is_available():
+        weight = b.t().contiguous()
+        candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
+    for name, fn in candidates.items():
+        fn()
+        best = min(_timed(fn) for _ in range(repeats))
+        result[name] = round(flops / best / 1e9, 1)
+    return result
+
+
+def _timed(fn: Callable) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _engines(model, name: str | None, example: torch.Tensor, ours: Sequence[str], compare: Sequence[str],
+             workdir: Path, threads: int | None, calib_dir: str | None, calib_images: int, skipped: list[dict]
+             ) -> dict[str, Callable]:
+    """Every engine that can run here, as `images -> logits`; the rest go to `skipped` with a reason."""
+    from ..infer.export import export_onnx
+    engines: dict[str, Callable] = {}
+    if "eager" in ours:
+        engines["swinkit eager"] = model
+    if "optimized" in ours:
+        engines["swinkit optimized"] = optimize_for_inference(model)
+    config = model.config
+
+    def attempt(label: str, build: Callable[[], Callable]) -> None:
+        try:
+            engines[label] = build()
+        except peers.PeerUnavailable as error:
+            skipped.append({"engine": label, "reason": str(error)})
+        except Exception as error:  # a peer's own failure must not end the benchmark
+            skipped.append({"engine": label, "reason": f"{type(error).__name__}: {error}"})
+            log.debug("bench: %s failed", label, exc_info=True)
+
+    onnx_path = workdir / "swinkit.onnx"
+
+    def swinkit_ort():
+        peers._require("onnxruntime")
+        from ..infer.onnx_runner import OnnxRunner
+        export_onnx(model, onnx_path)
+        return OnnxRunner(onnx_path, threads=threads)
+    if "onnxruntime" in ours or "int8" in ours:
+        attempt("swinkit onnxruntime", swinkit_ort)
+    if "int8" in ours and "swinkit onnxruntime" in engines:
+        if calib_dir is None:
+            skipped.append({"engine": "swinkit int8", "reason": "needs calibration images: pass --calib DIR"})
+        else:
+            def swinkit_int8():
+                from ..infer.onnx_runner import OnnxRunner
+                from ..infer.quantize import quantize
+                return OnnxRunner(quantize(onnx_path, calib_dir, workdir / "swinkit.int8.onnx", images=calib_images),
+                                  threads=threads)
+            attempt("swinkit int8", swinkit_int8)
+    if "onnxruntime" not in ours:
+        engines.pop("swinkit onnxruntime", None)
+    if "timm" in compare:
+        attempt("timm eager", lambda: peers.timm_eager(config, example))
+        attempt("timm jit.trace", lambda: peers.timm_jit(config, example))
+    if "torchvision" in compare:
+        attempt("torchvision", lambda: peers.torchvision_model(name, config, example))
+    if "hf" in compare:
+        attempt("hf", lambda: peers.hf_model(config, example))
+    if "onnxruntime" in compare:
+        attempt("timm onnxruntime", lambda: peers.timm_onnxruntime(config, example, workdir, threads))
+    return engines
+
+
+def bench_infer(model_name: str | None = None, *, weights: str | Path | None = None,
+                batch_sizes: Iterable[int] = (1, 8), compare: Iterable[str] = PEERS,
+                swinkit: Iterable[str] = SWINKIT_ENGINES, threads: int | None = None,
+                rounds: int = 5, warmup: int = 2, img_size: int | tuple[int, int] | None = None,
+                calib_dir: str | Path | None = None, calib_images: int = 64, measure_peak: bool = True) -> dict:
+    """Run the inference benchmark; returns {"header": ..., "rows": [...], "skipped": [...]}.
+
+    `swinkit` picks our engines (eager, optimized, onnxruntime, int8), `compare` the peers.
+    Each row: batch, engine, ms (median per batch), img_s, speedup (vs `baseline`), baseline,
+    and for swinkit optimized `pct_gemm_peak` (per peak measured). Peers in `compare` that
+    cannot run are listed in "skipped" with the reason.
+    """
+    compare = [c.strip() for c in compare if c.strip()]
+    unknown = sorted(set(compare) - set(PEERS))
+    if unknown:
+        raise ValueError(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
+    ours = [e.strip() for e in swinkit if e.strip()]
+    unknown = sorted(set(ours) - set(SWINKIT_ENGINES))
+    if unknown:
+        raise ValueError(f"unknown swinkit engines {unknown}; choose from {', '.join(SWINKIT_ENGINES)}")
+    batch_sizes = sorted({int(b) for b in batch_sizes})
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if rounds < 1 or warmup < 0:
+        raise ValueError("rounds must be >= 1 and warmup >= 0")
+    if threads:
+        torch.set_num_threads(threads)
+    model = api.create_model(model_name, pretrained=weights).eval()
+    if img_size is None:
+        img_size = model.config.img_size
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    flops = 2 * model.flops(img_size)
+    header = {
+        "model": model.name or model_name or str(weights), "weights": str(weights) if weights else None,
+        "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3), "cpu": peers.cpu_name(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds, "warmup": warmup,
+        "load_average": peers.load_average(),
+    }
+    try:
+        import onnxruntime
+        header["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if measure_peak:
+        header["gemm_peak_gflops"] = gemm_peak()
+    skipped: list[dict] = []
+    rows: list[dict] = []
+    generator = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="swinkit-bench-") as scratch:
+        example = torch.randn(max(batch_sizes), model.config.in_chans, *img_size, generator=generator)
+        engines = _engines(model, model.name or model_name, example[:1], ours, compare, Path(scratch), threads,
+                           None if calib_dir is None else str(calib_dir), calib_images, skipped)
+        for batch in batch_sizes:
+            images = example[:batch].contiguous()
+            times = _measure(engines, images, rounds, warmup, skipped, batch)
+            rows += _rows(times, batch, flops, header.get("gemm_peak_gflops", {}))
+    if measure_peak:  # again after the run, keeping the best: a busy moment must not inflate the %
+        after = gemm_peak()
+        peaks = {name: max(value, after.get(name, 0.0)) for name, value in header["gemm_peak_gflops"].items()}
+        header["gemm_peak_gflops"] = peaks
+        for row in rows:
+            if "gflops" in row:
+                row["pct_gemm_peak"] = {name: round(100 * row["gflops"] / peak, 1) for name, peak in peaks.items()}
+    header["load_average_after"] = peers.load_average()
+    return {"header": header, "rows": rows, "skipped": skipped}
+
+
+def _measure(engines: dict[str, Callable], images: torch.Tensor, rounds: int, warmup: int, skipped: list[dict],
+             batch: int) -> dict[str, list[float]]:
+    live = dict(engines)
+    with torch.inference_mode():
+        for label, engine in list(live.items()):
+            try:
+                for _ in range(max(warmup, 1)):  # at least one call: a failure shows before timing
+                    engine(images)
+            except Exception as error:
+                skipped.append({"engine": label, "batch": batch, "reason": f"{type(error).__name__}: {error}"})
+                del live[label]
+        times: dict[str, list[float]] = {label: [] for label in live}
+        for _ in range(rounds):
+            for label, engine in live.items():
+                times[label].append(_timed(lambda: engine(images)))
+    return times
+
+
+def _rows(times: dict[str, list[float]], batch: int, flops: int, peaks: dict[str, float]) -> list[dict]:
+    medians = {label: statistics.median(values) for label, values in times.items()}
+    baseline = next((b for b in BASELINES if b in medians), None)
+    rows = []
+    for label in sorted(medians, key=ENGINE_ORDER.index):
+        seconds = medians[label]
+        row = {"batch": batch, "engine": label, "ms": round(seconds * 1000, 2), "img_s": round(batch / seconds, 2),
+               "min_ms": round(min(times[label]) * 1000, 2),
+               "speedup": round(medians[baseline] / seconds, 2) if baseline else None, "baseline": baseline}
+        if label == "swinkit optimized" and peaks:
+            achieved = flops * batch / seconds / 1e9
+            row["gflops"] = round(achieved, 1)
+            row["pct_gemm_peak"] = {name: round(100 * achieved / peak, 1) for name, peak in peaks.items()}
+        rows.append(row)
+    return rows
+
+
+def format_table(result: dict) -> str:
+    """The human-readable report: header, then per batch size one line per engine."""
+    header = result["header"]
+    size = "x".join(map(str, header["img_size"]))
+    lines = [f"swinkit bench infer: {header['model']} at {size} ({header['gflops_per_image']} GFLOP/image)",
+             f"CPU: {header['cpu']}, {header['threads']} threads; torch {header['torch']}"
+             + (f", onnxruntime {header['onnxruntime']}" if "onnxruntime" in header else "")
+             + f"; median of {header['rounds']} interleaved rounds after {header['warmup']} warm-up calls;"
+             f" load average {header['load_average']} -> {header.get('load_average_after')}"]
+    peaks = header.get("gemm_peak_gflops")
+    if peaks:
+        lines.append("fp32 GEMM peak (2048^3): " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peaks.items()))
+    for batch in sorted({row["batch"] for row in result["rows"]}):
+        rows = [row for row in result["rows"] if row["batch"] == batch]
+        baseline = rows[0]["baseline"] if rows else None
+        lines.append("")
+        lines.append(f"batch {batch}")
+        lines.append(f"  {'engine':<22} {'ms/batch':>10} {'img/s':>9} {'speedup vs ' + str(baseline):>28}")
+        for row in rows:
+            extra = ""
+            if "pct_gemm_peak" in row:
+                extra = f"  ({row['gflops']} GFLOP/s = " + ", ".join(
+                    f"{pct}% of {name}" for name, pct in row["pct_gemm_peak"].items()) + ")"
+            speedup = f"{row['speedup']:.2f}x" if row["speedup"] is not None else "-"
+            lines.append(f"  {row['engine']:<22} {row['ms']:>10.1f} {row['img_s']:>9.2f} {speedup:>28}{extra}")
+    for item in result["skipped"]:
+        where = f" (batch {item['batch']})" if "batch" in item else ""
+        lines.append(f"skipped {item['engine']}{where}: {item['reason']}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    """Grouped bar chart of img/s per engine and batch size (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ..weights.io import atomic_write
+    rows = result["rows"]
+    batches = sorted({row["batch"] for row in rows})
+    engines = [e for e in ENGINE_ORDER if any(row["engine"] == e for row in rows)]
+    figure, axes = plt.subplots(figsize=(1.6 + 1.3 * len(engines) * len(batches) / 2, 4))
+    width = 0.8 / max(len(engines), 1)
+    for i, engine in enumerate(engines):
+        values = [next((r["img_s"] for r in rows if r["engine"] == engine and r["batch"] == b), 0) for b in batches]
+        axes.bar([x + i * width for x in range(len(batches))], values, width, label=engine)
+    axes.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(batches))])
+    axes.set_xticklabels([f"batch {b}" for b in batches])
+    axes.set_ylabel("images / s")
+    header = result["header"]
+    axes.set_title(f"{header['model']} {'x'.join(map(str, header['img_size']))}, {header['threads']} threads")
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120))
+    plt.close(figure)
+    return path

@@ -1,0 +1,67 @@
+"""`swinkit export onnx` and `swinkit quantize`: argument parsing around `infer.export` / `infer.quantize`."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _cmd_export(args) -> int:
+    from .export import ExportError, export_onnx
+    try:
+        out = export_onnx(args.weights, args.out, opset=args.opset, dynamic=args.dynamic, model_name=args.model,
+                          validate=not args.no_validate)
+    except ExportError as error:
+        print(f"swinkit export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (opset {args.opset}, dynamic: {args.dynamic or 'none'})")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .quantize import compare_accuracy, quantize
+    out = quantize(args.weights, args.calib, args.out, images=args.images, model_name=args.model,
+                   method=args.method, quantize_head=args.quantize_head)
+    print(f"wrote {out} (INT8 QDQ, calibrated on {args.images} images from {args.calib})")
+    if args.eval:
+        from .export import export_onnx
+        import tempfile
+        from pathlib import Path
+        with tempfile.TemporaryDirectory() as scratch:
+            fp32 = args.weights if str(args.weights).endswith(".onnx") else export_onnx(
+                args.weights, Path(scratch) / "fp32.onnx", model_name=args.model)
+            table = compare_accuracy(fp32, out, args.eval, images=args.eval_images)
+        if args.json:
+            print(json.dumps(table))
+        else:
+            print(f"{'':8}{'top-1':>8}{'top-' + str(table['top5_k']):>8}   ({table['images']} images from {args.eval})")
+            print(f"{'FP32':8}{table['fp32_top1']:>8.2f}{table['fp32_top5']:>8.2f}")
+            print(f"{'INT8':8}{table['int8_top1']:>8.2f}{table['int8_top5']:>8.2f}")
+            print(f"{'loss':8}{table['top1_loss']:>8.2f}{table['top5_loss']:>8.2f}   "
+                  f"top-1 agreement {table['top1_agreement']:.2f}%")
+    return 0
+
+
+def register(subparsers) -> None:
+    export = subparsers.add_parser("export", help="export a model to a deployment format")
+    formats = export.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="ONNX with dynamic batch/height/width, checked in ONNX Runtime")
+    onnx.add_argument("--weights", required=True, help="checkpoint (any layout swinkit reads)")
+    onnx.add_argument("--model", help="model name, for checkpoints that do not say which variant they hold")
+    onnx.add_argument("--out", required=True, help="output .onnx file (written only after validation)")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--dynamic", default="batch,hw", help="dynamic axes: batch,hw (default), batch, or ''")
+    onnx.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    onnx.set_defaults(func=_cmd_export)
+
+    quant = subparsers.add_parser("quantize", help="INT8 post-training quantization calibrated on real images")
+    quant.add_argument("--weights", required=True, help="checkpoint or FP32 .onnx file")
+    quant.add_argument("--model", help="model name, for checkpoints that do not say which variant they hold")
+    quant.add_argument("--calib", required=True, help="image folder (DIR/<class>/<image>) for calibration")
+    quant.add_argument("--out", required=True, help="output INT8 .onnx file")
+    quant.add_argument("--images", type=int, default=256, help="calibration images (default 256)")
+    quant.add_argument("--method", default="minmax", choices=("minmax", "percentile", "entropy"))
+    quant.add_argument("--quantize-head", action="store_true", help="quantize the classifier too (default: float)")
+    quant.add_argument("--eval", help="image folder to report FP32 vs INT8 top-1/top-5 on")
+    quant.add_argument("--eval-images", type=int, help="evaluate on this many images (default: all)")
+    quant.add_argument("--json", action="store_true")
+    quant.set_defaults(func=_cmd_quantize)

@@ -1,0 +1,90 @@
+"""Run a swinkit `.onnx` file (FP32 or INT8) in ONNX Runtime with the call shape of a torch model.
+
+    runner = OnnxRunner("model.onnx")                   # graph optimizations: ORT_ENABLE_ALL
+    transform = runner.preprocess.transform()           # PIL image -> [C, H, W], from the file's metadata
+    logits = runner(batch)                              # [B, C, H, W] float tensor -> [B, K] float tensor
+
+It has the attributes `evaluate` / `predict` use from a runner (`source`, `classes`,
+`named_classes`, `preprocess`, `__call__`) plus `metadata` (the ONNX metadata_props).
+`swinkit export onnx` stores the preprocessing and class names there (`swinkit_preprocess`,
+`swinkit_classes`, as in a safetensors checkpoint) and `swinkit quantize` keeps them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.registry import SwinConfig
+from ..weights.io import CheckpointError
+from .runner import Preprocess, classes_from_metadata
+
+META_CONFIG = "swinkit_config"
+
+
+def session_options(threads: int | None = None):
+    """ORT session options: every graph optimization on, `threads` intra-op threads (None: ORT's default)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def create_session(path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session for `path` with graph optimizations on (CPU unless `providers` says otherwise)."""
+    import onnxruntime as ort
+    try:
+        return ort.InferenceSession(str(path), session_options(threads),
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own exception types for unreadable or invalid graphs
+        raise CheckpointError(f"'{path}' cannot be loaded by ONNX Runtime: {error}") from None
+
+
+class OnnxRunner:
+    """An `.onnx` classifier in ONNX Runtime: `[B, C, H, W]` float tensor -> logits `[B, K]` float tensor (on CPU).
+
+    `device="cuda"` selects ONNX Runtime's CUDA provider (onnxruntime-gpu); default CPU.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None,
+                 device: str | None = None):
+        path = Path(path).expanduser()
+        if providers is None and device is not None and str(device).startswith("cuda"):
+            import onnxruntime as ort
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise CheckpointError(f"'{path}': device {device} needs onnxruntime-gpu (CUDAExecutionProvider)")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if not path.is_file():
+            raise CheckpointError(f"ONNX file '{path}' does not exist")
+        self.source = str(path)
+        self.session = create_session(path, threads=threads, providers=providers)
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        config = None
+        if META_CONFIG in self.metadata:
+            try:
+                config = SwinConfig.from_dict(json.loads(self.metadata[META_CONFIG]))
+            except (ValueError, TypeError) as error:
+                raise CheckpointError(f"'{path}' has invalid {META_CONFIG} metadata: {error}") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        self.input_shape = list(inputs[0].shape)  # ints where fixed, names where dynamic
+        if config is None and all(isinstance(side, int) for side in self.input_shape[1:]):
+            config = SwinConfig(img_size=tuple(self.input_shape[2:]), in_chans=self.input_shape[1])
+        self.preprocess = Preprocess.from_metadata(self.metadata, config, source=self.source)
+        num_classes = outputs[0].shape[-1]
+        if not isinstance(num_classes, int):
+            num_classes = config.num_classes if config is not None else 0
+        self.classes, self.named_classes = classes_from_metadata(self.metadata, num_classes, source=self.source)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(self.session.run([self.output_name], {self.input_name: array})[0])
+
+    def __repr__(self) -> str:
+        return f"OnnxRunner('{self.source}', input {self.input_shape}, {len(self.classes)} classes)"

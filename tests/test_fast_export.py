@@ -1,0 +1,203 @@
+"""Fast inference path, ONNX export, INT8 quantization and the inference benchmark: agreement only,
+never timings."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import swinkit
+from swinkit.infer.fast import FastSwin, optimize_for_inference
+
+HAS_ORT = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime", "onnxscript"))
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnx / onnxruntime / onnxscript not installed")
+
+
+def _nontrivial(name: str, seed: int = 0, **overrides) -> swinkit.SwinTransformer:
+    """A model whose every parameter matters: v2 starts its residual norms at zero (blocks are
+    identities), and a 0.02-std head gives logits too small for a 1e-4 check to mean much."""
+    torch.manual_seed(seed)
+    model = swinkit.create_model(name, **overrides).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if param.dim() == 1 and "norm" in key and key.endswith("weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif param.dim() == 1 or "logit_scale" in key:
+                param.copy_(0.2 * torch.randn_like(param))
+        model.head.fc.weight.mul_(50)
+    return model
+
+
+@pytest.mark.parametrize("name", ["swin_nano_patch2_window4_32", "swinv2_nano_patch2_window4_32",
+                                  "swin_micro_patch4_window7_56"])
+@pytest.mark.parametrize("batch,height,width", [(1, None, None), (3, 97, 64), (2, 40, 33), (1, 7, 9)])
+def test_optimized_matches_eval_model(name, batch, height, width):
+    model = _nontrivial(name)
+    fast = optimize_for_inference(model)
+    height = height or model.config.img_size[0]
+    width = width or model.config.img_size[1]
+    images = torch.randn(batch, model.config.in_chans, height, width)
+    with torch.no_grad():
+        expected = model(images)
+        got = fast(images)
+    assert expected.abs().max() > 1.0  # logits large enough that 1e-4 is a real bound
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_optimized_matches_without_onednn_and_in_graph_constants():
+    """The plain-F.linear path (CUDA, export) and the export-time constants computed from shapes."""
+    model = _nontrivial("swinv2_micro_window8_64")
+    images = torch.randn(2, 3, 75, 50)
+    with torch.no_grad():
+        expected = model(images)
+        plain = FastSwin(model, use_onednn=False, split_qkv=True)
+        torch.testing.assert_close(plain(images), expected, atol=1e-4, rtol=0)
+        plain.symbolic_sizes = True
+        torch.testing.assert_close(plain(images), expected, atol=1e-4, rtol=0)
+
+
+def test_swin_tiny_optimized_matches_eval_model():
+    model = _nontrivial("swin_tiny_patch4_window7_224")
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(optimize_for_inference(model)(images), model(images), atol=1e-4, rtol=0)
+
+
+def test_optimized_caches_constants_per_size_and_is_eval_only():
+    model = _nontrivial("swin_nano_patch2_window4_32")
+    fast = optimize_for_inference(model)
+    with torch.no_grad():
+        fast(torch.randn(1, 3, 32, 32))
+        fast(torch.randn(4, 3, 32, 32))
+        assert len(fast._plans) == 1  # batch size does not matter
+        fast(torch.randn(1, 3, 48, 40))
+        assert len(fast._plans) == 2
+    assert not any(p.requires_grad for p in fast.buffers()) and not list(fast.parameters())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fast.train()
+    # the source model is untouched and still trainable
+    assert model.layers[0].blocks[0].attn.qkv.weight.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+# Exporting traces every op twice (torch.export, then decompositions): two stages keep it quick
+# and still cover shifted, padded and merged layouts.
+TWO_STAGES = dict(depths=(2, 2), num_heads=(1, 2))
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A v1 nano checkpoint with class names and preprocessing, exported with dynamic batch/H/W."""
+    from swinkit.infer.export import export_onnx
+    folder = tmp_path_factory.mktemp("onnx")
+    model = _nontrivial("swin_nano_patch2_window4_32", **TWO_STAGES)
+    classes = [f"class_{i}" for i in range(model.num_classes)]
+    preprocess = {"img_size": [32, 32], "in_chans": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                  "crop_pct": 1.0, "interpolation": "bilinear"}
+    weights = swinkit.save_weights(model, folder / "nano.safetensors", metadata={
+        "swinkit_classes": json.dumps(classes), "swinkit_preprocess": json.dumps(preprocess)})
+    path = export_onnx(weights, folder / "nano.onnx")
+    return model, path, classes, folder
+
+
+@needs_ort
+def test_onnx_export_with_dynamic_shapes_matches_pytorch(exported):
+    import onnx
+    from swinkit.infer.onnx_runner import OnnxRunner
+    model, path, classes, _ = exported
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True]  # batch, C, H, W
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    validation = json.loads(metadata["swinkit_validation"])
+    assert {(r["batch"], r["height"]) for r in validation} >= {(1, 32), (3, 32)}
+    assert len({(r["height"], r["width"]) for r in validation}) == 2
+    runner = OnnxRunner(path)
+    assert runner.classes == classes and runner.named_classes
+    assert runner.preprocess.mean == (0.5, 0.5, 0.5) and runner.preprocess.crop_pct == 1.0
+    for batch, height, width in [(2, 45, 23), (1, 64, 64), (5, 13, 90)]:
+        images = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            expected = model(images)
+        torch.testing.assert_close(runner(images), expected, atol=1e-4, rtol=0)
+
+
+@needs_ort
+def test_onnx_export_v2_from_model(tmp_path):
+    from swinkit.infer.export import export_onnx
+    from swinkit.infer.onnx_runner import OnnxRunner
+    model = _nontrivial("swinv2_nano_patch2_window4_32", **TWO_STAGES)
+    runner = OnnxRunner(export_onnx(model, tmp_path / "v2.onnx"))
+    images = torch.randn(2, 3, 50, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(images), model(images), atol=1e-4, rtol=0)
+
+
+@needs_ort
+def test_export_rejects_unknown_dynamic_axis(tmp_path):
+    from swinkit.infer.export import export_onnx
+    with pytest.raises(ValueError, match="unknown dynamic axes"):
+        export_onnx(_nontrivial("swin_nano_patch2_window4_32"), tmp_path / "x.onnx", dynamic=("batch", "depth"))
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ INT8
+def _image_folder(root, classes=3, per_class=8, size=32, seed=0):
+    """Smooth synthetic images, one colour trend per class."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            base = np.linspace(0, 255, size)[None, :, None] * (np.eye(3)[c] * 0.8 + 0.1)
+            image = base + rng.normal(0, 25, (size, size, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+@needs_ort
+def test_int8_agrees_with_fp32_on_calibrated_model(exported):
+    import onnx
+    from swinkit.infer.onnx_runner import OnnxRunner
+    from swinkit.infer.quantize import compare_accuracy, quantize
+    _, fp32, classes, folder = exported
+    images = _image_folder(folder / "calib")
+    int8 = quantize(fp32, images, folder / "nano.int8.onnx", images=16)
+    proto = onnx.load(str(int8))
+    ops = {node.op_type for node in proto.graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata["swinkit_classes"]) == classes  # metadata survives quantization
+    assert json.loads(metadata["swinkit_quantization"])["calibration"]["images"] == 16
+    assert OnnxRunner(int8).preprocess.crop_pct == 1.0
+    table = compare_accuracy(fp32, int8, images)
+    assert table["images"] == 24
+    assert table["top1_agreement"] >= 85.0, table
+
+
+# ----------------------------------------------------------------------------------------- bench
+def test_bench_infer_smoke_rows():
+    from swinkit.bench import bench_infer, format_table
+    result = bench_infer("swin_nano_patch2_window4_32", batch_sizes=(1, 2), compare=[],
+                         swinkit=("eager", "optimized"), rounds=1, warmup=0, measure_peak=False)
+    assert {(row["batch"], row["engine"]) for row in result["rows"]} == {
+        (b, e) for b in (1, 2) for e in ("swinkit eager", "swinkit optimized")}
+    for row in result["rows"]:
+        assert {"batch", "engine", "ms", "img_s", "speedup", "baseline"} <= set(row)
+        assert row["ms"] > 0 and row["baseline"] == "swinkit eager"
+    assert {"cpu", "threads", "model", "img_size"} <= set(result["header"])
+    assert "swinkit optimized" in format_table(result)
+
+
+def test_bench_infer_cli_json(capsys):
+    from swinkit.cli import main
+    code = main(["bench", "infer", "--model", "swin_nano_patch2_window4_32", "--batch-sizes", "1",
+                 "--compare", "timm", "--swinkit", "eager,optimized", "--rounds", "1", "--warmup", "0",
+                 "--no-peak", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    engines = {row["engine"] for row in result["rows"]} | {item["engine"] for item in result["skipped"]}
+    assert {"swinkit eager", "swinkit optimized", "timm eager", "timm jit.trace"} <= engines
