@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from swinkit.models import SwinConfig, SwinTransformer
+from swinkit.train.memory import saved_bytes_per_image
 
 CONFIG = SwinConfig(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
                     num_classes=7, drop_path_rate=0.0)
@@ -52,30 +53,13 @@ def test_lean_gradients_fp32(version):
         assert torch.allclose(grads_lean[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def saved_bytes(model, x) -> int:
-    """Bytes autograd keeps for backward (each storage counted once; parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("version", [1, 2])
 def test_lean_training_saves_less(version):
     model = perturbed(version, torch.float32).train()
-    x = torch.randn(4, 3, 64, 64)
     model.set_lean_training(False)
-    plain = saved_bytes(model, x)
+    plain = saved_bytes_per_image(model, 64)
     model.set_lean_training(True)
-    assert saved_bytes(model, x) < 0.75 * plain
+    assert saved_bytes_per_image(model, 64) < 0.75 * plain
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -79,27 +79,29 @@ def format_size(num_bytes: float) -> str:
 
 
 # ------------------------------------------------------------------------------------ measuring
-def process_rss() -> int:
-    """Resident bytes of this process now (Linux /proc), else its peak so far (getrusage)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None where /proc is missing."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss()
+    return None
+
+
+def process_rss() -> int:
+    """Resident bytes of this process now (Linux /proc), else its peak so far (getrusage)."""
+    current = _proc_status_bytes("VmRSS")
+    return current if current is not None else peak_rss()
 
 
 def peak_rss() -> int:
     """High-water resident bytes of this process (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
