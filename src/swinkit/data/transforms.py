@@ -38,7 +38,7 @@ def _interpolation(name: str) -> InterpolationMode:
         raise ValueError(f"unknown interpolation {name!r}; choose one of {choices}") from None
 
 
-def _channel_stats(values: Sequence[float], in_chans: int, what: str) -> tuple[float, ...]:
+def channel_stats(values: Sequence[float], in_chans: int, what: str) -> tuple[float, ...]:
     """Per-channel mean or std for `in_chans` channels (an RGB triple averages to one value)."""
     values = tuple(float(v) for v in values)
     if len(values) == in_chans:
@@ -109,7 +109,7 @@ def build_train_transform(
 
     `augment=False` gives resize + centre crop + normalise (no randomness).
     """
-    mean, std = _channel_stats(mean, in_chans, "mean"), _channel_stats(std, in_chans, "std")
+    mean, std = channel_stats(mean, in_chans, "mean"), channel_stats(std, in_chans, "std")
     mode = _interpolation(interpolation)
     steps: list[v2.Transform] = [_channel_step(in_chans)]
     if not augment:
@@ -149,7 +149,7 @@ def build_eval_transform(
     """PIL image -> normalised tensor [in_chans, H, W]: resize to size / crop_pct, centre crop."""
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    mean, std = _channel_stats(mean, in_chans, "mean"), _channel_stats(std, in_chans, "std")
+    mean, std = channel_stats(mean, in_chans, "mean"), channel_stats(std, in_chans, "std")
     if isinstance(img_size, int):
         resize: int | list[int] = math.floor(img_size / crop_pct)  # shorter side; keeps aspect
     else:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from ..api import create_model, load_weights, save_weights
 from ..data import (DataError, ImageFolderDataset, SyntheticDataset, build_eval_transform, build_mixup_cutmix,
                     build_train_transform, resolve_split)
+from ..data.transforms import channel_stats
 from ..infer.runner import META_CLASSES, Preprocess
 from ..models.registry import SwinConfig
 from ..models.swin import SwinTransformer
@@ -71,14 +72,11 @@ def build_model(section: ModelSection, num_classes: int | None = None) -> SwinTr
 
 
 def _channel_values(values, in_chans: int, what: str) -> list[float]:
-    values = [float(v) for v in values]
-    if len(values) == in_chans:
-        return values
-    if len(values) == 1:
-        return values * in_chans
-    if in_chans == 1:
-        return [sum(values) / len(values)]
-    raise ConfigError(f"data.{what} has {len(values)} values but the model takes {in_chans} channels")
+    """`data.mean` / `data.std` for `in_chans` channels (see `data.transforms.channel_stats`)."""
+    try:
+        return list(channel_stats(values, in_chans, f"data.{what}"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 class Trainer:
