@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemm import fast_linear
 from .lean import window_attention as lean_window_attention
 
 SHIFT_MASK_VALUE = -100.0  # the official value between tokens of different shifted regions
@@ -108,8 +109,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 
 
 def _use_lean(module: nn.Module) -> bool:
-    """Use the memory-lean training kernel: autograd is recording and no attention dropout is asked for."""
-    return module.lean and torch.is_grad_enabled() and not (module.training and module.attn_drop > 0)
+    """Use the memory-lean training kernel: autograd is recording (or block recomputation runs the
+    forward it will repeat, which must compute the same numbers) and no attention dropout is asked for."""
+    return (module.lean and (torch.is_grad_enabled() or module.recompute_forward)
+            and not (module.training and module.attn_drop > 0))
 
 
 class WindowAttentionV1(nn.Module):
@@ -126,6 +129,8 @@ class WindowAttentionV1(nn.Module):
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
         self.lean = True  # memory-lean autograd in training (see models/lean.py)
+        self.keep_probs = False  # lean kernel also stores the probabilities (block recomputation sets it)
+        self.recompute_forward = False  # lean kernel without autograd (block recomputation sets it)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index((window, window)).flatten(),
                              persistent=False)
@@ -142,14 +147,18 @@ class WindowAttentionV1(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch_windows, tokens, channels = x.shape
         if _use_lean(self):
-            qkv = self.qkv(x).view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
-            out = lean_window_attention(qkv, self.relative_position_bias(), mask, None, self.head_dim ** -0.5)
-            return self.proj_drop(self.proj(out))
-        qkv = self.qkv(x).view(batch_windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = fast_linear(x, self.qkv.weight, self.qkv.bias)
+            qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
+            out = lean_window_attention(qkv, self.relative_position_bias(), mask, None, self.head_dim ** -0.5,
+                                        self.keep_probs)
+            return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
+        qkv = fast_linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout = self.attn_drop if self.training else 0.0
         out = attend(q, k, v, self.relative_position_bias().to(q.dtype), mask, dropout, scale=None)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch_windows, tokens, channels)))
+        out = out.transpose(1, 2).reshape(batch_windows, tokens, channels)
+        return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
 
 
 class WindowAttentionV2(nn.Module):
@@ -170,6 +179,8 @@ class WindowAttentionV2(nn.Module):
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
         self.lean = True  # memory-lean autograd in training (see models/lean.py)
+        self.keep_probs = False  # lean kernel also stores the probabilities (block recomputation sets it)
+        self.recompute_forward = False  # lean kernel without autograd (block recomputation sets it)
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
@@ -203,10 +214,13 @@ class WindowAttentionV2(nn.Module):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias).view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
-        if _use_lean(self):
-            out = lean_window_attention(qkv, self.relative_position_bias(), mask, self.logit_scale, 1.0)
-            return self.proj_drop(self.proj(out))
+        lean = _use_lean(self)
+        qkv = fast_linear(x, self.qkv.weight, qkv_bias)
+        qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
+        if lean:
+            out = lean_window_attention(qkv, self.relative_position_bias(), mask, self.logit_scale, 1.0,
+                                        self.keep_probs)
+            return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
         qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         # Cosine similarity times a per-head temperature: fold the temperature into q.
@@ -214,4 +228,5 @@ class WindowAttentionV2(nn.Module):
         k = F.normalize(k, dim=-1)
         dropout = self.attn_drop if self.training else 0.0
         out = attend(q, k, v, self.relative_position_bias().to(q.dtype), mask, dropout, scale=1.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch_windows, tokens, channels)))
+        out = out.transpose(1, 2).reshape(batch_windows, tokens, channels)
+        return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))

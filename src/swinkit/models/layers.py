@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemm import fast_linear
+
 
 def pad_to_multiple(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
     """Zero-pad `[B, H, W, C]` on the bottom/right so H and W are multiples. No copy if aligned."""
@@ -34,13 +36,22 @@ def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability `rate`."""
+def drop_path_mask(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor | None:
+    """Stochastic depth's per-sample multiplier for a branch like `x`: 0 with probability `rate`,
+    else 1 / (1 - rate); fp32, shape `[B, 1, ..., 1]`. None when nothing is dropped."""
     if rate == 0.0 or not training:
-        return x
+        return None
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep)
+    return mask.div_(keep)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability `rate`.
+    `mask` (from `drop_path_mask`) replays an earlier draw instead of drawing."""
+    if mask is None:
+        mask = drop_path_mask(x, rate, training)
+    return x if mask is None else x * mask.to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -48,8 +59,11 @@ class DropPath(nn.Module):
         super().__init__()
         self.rate = rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.rate, self.training)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return drop_path(x, self.rate, self.training, mask)
+
+    def new_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        return drop_path_mask(x, self.rate, self.training)
 
     def extra_repr(self) -> str:
         return f"rate={self.rate:.3f}"
@@ -66,7 +80,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = self.drop(self.act(fast_linear(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop(fast_linear(hidden, self.fc2.weight, self.fc2.bias))
 
 
 class PatchEmbed(nn.Module):
@@ -108,5 +123,5 @@ class PatchMerging(nn.Module):
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5).flatten(3)
         if self.version == 1:
-            return self.reduction(self.norm(x))
-        return self.norm(self.reduction(x))
+            return fast_linear(self.norm(x), self.reduction.weight)
+        return self.norm(fast_linear(x, self.reduction.weight))

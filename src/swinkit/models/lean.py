@@ -23,15 +23,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import gemm
+
 aten = torch.ops.aten
 LOG_MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def _linear_grads(grad_out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor):
     """Gradients of `inputs @ weight.T + bias` w.r.t. inputs, weight and bias."""
-    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_weight = grad_2d.t().mm(inputs.reshape(-1, inputs.shape[-1]))
-    return grad_out.matmul(weight), grad_weight, grad_2d.sum(0)
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return gemm.grad_input(grad_out, weight), gemm.grad_weight(grad_out, inputs), grad_bias
 
 
 class _MlpBranch(torch.autograd.Function):
@@ -45,12 +46,12 @@ class _MlpBranch(torch.autograd.Function):
         if pre_norm:
             normed, mean, rstd = aten.native_layer_norm(x.to(norm_weight.dtype), [channels], norm_weight,
                                                         norm_bias, eps)
-            hidden = F.linear(normed.to(w1.dtype), w1, b1)
-            out = F.linear(F.gelu(hidden), w2, b2)
+            hidden = gemm.linear(normed.to(w1.dtype), w1, b1)
+            out = gemm.linear(F.gelu(hidden), w2, b2)
             ctx.save_for_backward(x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2)
         else:
-            hidden = F.linear(x.to(w1.dtype), w1, b1)
-            projected = F.linear(F.gelu(hidden), w2, b2)
+            hidden = gemm.linear(x.to(w1.dtype), w1, b1)
+            projected = gemm.linear(F.gelu(hidden), w2, b2)
             out, mean, rstd = aten.native_layer_norm(projected.to(norm_weight.dtype), [channels], norm_weight,
                                                      norm_bias, eps)
             ctx.save_for_backward(x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2, projected)
@@ -102,37 +103,42 @@ def mlp_branch(x: torch.Tensor, norm: torch.nn.LayerNorm, mlp, pre_norm: bool) -
         return _MlpBranch.apply(x, norm.weight, norm.bias, *(w.to(dtype) for w in weights), norm.eps, pre_norm)
 
 
-def _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale):
+def _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale, probs=None):
     """Recomputable part of window attention: (probabilities, q, k, v, q/|q|, k/|k|, norms).
 
     qkv: `[B * num_windows, N, 3, heads, head_dim]`; returns tensors shaped `[B, num_windows, heads, N, .]`.
+    Pass `probs` when they were kept: only q, k, v (and v2's normalised q, k) are rebuilt.
     """
     batch_windows, tokens, _, heads, head_dim = qkv.shape
     q, k, v = qkv.view(batch_windows // num_windows, num_windows, tokens, 3, heads, head_dim) \
                  .permute(3, 0, 1, 4, 2, 5).unbind(0)
     if logit_scale is None:
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))
         q_norm = k_norm = q_unit = k_unit = None
+        if probs is None:
+            scores = torch.matmul(q * scale, k.transpose(-2, -1))
     else:
         q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         q_unit, k_unit = q / q_norm, k / k_norm
-        temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()
-        scores = torch.matmul(q_unit * temperature.to(q.dtype), k_unit.transpose(-2, -1))
-    softmax_dtype = torch.promote_types(qkv.dtype, torch.float32)  # at least fp32 under AMP
-    probs = torch.softmax(scores.to(softmax_dtype) + bias_mask.to(softmax_dtype), dim=-1).to(qkv.dtype)
+        if probs is None:
+            temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()
+            scores = torch.matmul(q_unit * temperature.to(q.dtype), k_unit.transpose(-2, -1))
+    if probs is None:
+        softmax_dtype = torch.promote_types(qkv.dtype, torch.float32)  # at least fp32 under AMP
+        probs = torch.softmax(scores.to(softmax_dtype) + bias_mask.to(softmax_dtype), dim=-1).to(qkv.dtype)
     return probs, q, k, v, q_unit, k_unit, q_norm, k_norm
 
 
 class _WindowAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias + mask) v over windows, probabilities recomputed in backward."""
+    """softmax(q k^T * scale + bias + mask) v over windows, probabilities recomputed in backward
+    (or kept, with `keep_probs`, where a caller bounds the batch: block recomputation's slices)."""
 
     @staticmethod
-    def forward(ctx, qkv, bias, mask, logit_scale, scale: float, num_windows: int):
+    def forward(ctx, qkv, bias, mask, logit_scale, scale: float, num_windows: int, keep_probs: bool = False):
         bias_mask = bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)  # [nW, heads, N, N]
         probs, _, _, v, *_ = _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale)
         out = torch.matmul(probs, v)  # [B, nW, heads, N, head_dim]
-        ctx.save_for_backward(qkv, bias_mask, logit_scale)
+        ctx.save_for_backward(qkv, bias_mask, logit_scale, probs if keep_probs else None)
         ctx.bias_dtype = bias.dtype
         ctx.scale, ctx.num_windows, ctx.has_mask = scale, num_windows, mask is not None
         batch_windows, tokens, _, heads, head_dim = qkv.shape
@@ -140,10 +146,10 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, bias_mask, logit_scale = ctx.saved_tensors
+        qkv, bias_mask, logit_scale, kept_probs = ctx.saved_tensors
         batch_windows, tokens, _, heads, head_dim = qkv.shape
         probs, q, k, v, q_unit, k_unit, q_norm, k_norm = _attention_scores(
-            qkv, bias_mask, ctx.num_windows, ctx.scale, logit_scale)
+            qkv, bias_mask, ctx.num_windows, ctx.scale, logit_scale, kept_probs)
         grad_o = grad_out.to(qkv.dtype).view(batch_windows // ctx.num_windows, ctx.num_windows, tokens, heads, head_dim) \
                          .permute(0, 1, 3, 2, 4)
         grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
@@ -169,21 +175,22 @@ class _WindowAttention(torch.autograd.Function):
             grad_k = (grad_k_unit - k_unit * (grad_k_unit * k_unit).sum(-1, keepdim=True)) / k_norm
         grad_qkv = torch.stack((grad_q, grad_k, grad_v), dim=0)  # [3, B, nW, heads, N, head_dim]
         grad_qkv = grad_qkv.permute(1, 2, 4, 0, 3, 5).reshape(qkv.shape)
-        return grad_qkv, grad_bias, None, grad_logit_scale, None, None
+        return grad_qkv, grad_bias, None, grad_logit_scale, None, None, None
 
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
-                     logit_scale: torch.Tensor | None, scale: float) -> torch.Tensor:
+                     logit_scale: torch.Tensor | None, scale: float, keep_probs: bool = False) -> torch.Tensor:
     """Training-time window attention storing only `qkv` for backward.
 
     qkv: `[B * num_windows, N, 3, heads, head_dim]` (the qkv projection, unpermuted);
     bias: `[heads, N, N]`; mask: `[num_windows, N, N]` or None;
     logit_scale: v2's `[heads, 1, 1]` (cosine attention) or None (v1: dot product times `scale`).
-    Returns `[B * num_windows, N, heads * head_dim]`.
+    Returns `[B * num_windows, N, heads * head_dim]`. `keep_probs` also stores the probabilities
+    (`[B * num_windows, heads, N, N]`), saving their recomputation in backward.
     """
     num_windows = 1 if mask is None else mask.shape[0]
     mask = None if mask is None else mask.to(bias.dtype)
     if _autocast_dtype(qkv.device.type) is None:
-        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows)
+        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows, keep_probs)
     with torch.autocast(qkv.device.type, enabled=False):
-        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows)
+        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows, keep_probs)

@@ -29,7 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2, window_attention_mask
+from .gemm import fast_linear
 from .lean import mlp_branch
+from .recompute import fc2_grads, recompute_block
 from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, pad_to_multiple, window_partition, window_reverse
 from .registry import SwinConfig
 
@@ -85,22 +87,60 @@ class SwinBlock(nn.Module):
             return self._window_attention(self.norm1(x), shift, mask)
         return self.norm1(self._window_attention(x, shift, mask))
 
-    def _forward(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None,
-                 recompute_attention: bool = False) -> torch.Tensor:
+    def forward_parts(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None,
+                      keep: tuple = (None, None), recompute_attention: bool = False) -> torch.Tensor:
+        """The block; `keep` replays drop-path masks drawn by `drop_path_masks` (None: draw here)."""
         if recompute_attention:
             branch = checkpoint(self._attention_branch, x, shift, mask, use_reentrant=False)
         else:
             branch = self._attention_branch(x, shift, mask)
-        x = x + self.drop_path1(branch)
-        return x + self.drop_path2(self._mlp_branch(x))
+        x = x + self.drop_path1(branch, keep[0])
+        return x + self.drop_path2(self._mlp_branch(x), keep[1])
+
+    def forward_without_grad(self, x: torch.Tensor, shift, mask, keep) -> torch.Tensor:
+        """For `models.recompute`: the forward pass that backward will repeat, autograd off, with the
+        kernels the repetition uses, so the output equals the recomputed one bit for bit."""
+        self.attn.recompute_forward = True
+        try:
+            with torch.no_grad():
+                return self.forward_parts(x, shift, mask, keep)
+        finally:
+            self.attn.recompute_forward = False
+
+    def drop_path_masks(self, x: torch.Tensor) -> tuple:
+        """Both residual branches' drop-path masks for a batch like `x`, drawn in forward's order."""
+        return self.drop_path1.new_mask(x), self.drop_path2.new_mask(x)
+
+    def recompute_for_backward(self, x: torch.Tensor, shift, mask, keep, grad_out: torch.Tensor):
+        """For `models.recompute`: rebuild what backward needs from the block input `x` (autograd
+        recording) and return (outputs, their gradients, parameter gradients computed directly).
+
+        v1 stops before fc2: its output only feeds the residual sum, so backward needs fc2's input
+        and weight, not its output; fc2's gradients are formed here. v2 normalises fc2's output and
+        so recomputes the whole block."""
+        self.attn.keep_probs = True  # the slice is small: store the probabilities, not a third softmax
+        try:
+            if self.version != 1 or (self.training and self.mlp.drop.p > 0):
+                return (self.forward_parts(x, shift, mask, keep),), (grad_out,), {}
+            x1 = x + self.drop_path1(self._attention_branch(x, shift, mask), keep[0])
+        finally:
+            self.attn.keep_probs = False
+        hidden = F.gelu(fast_linear(self.norm2(x1), self.mlp.fc1.weight, self.mlp.fc1.bias))
+        grad_branch = grad_out if keep[1] is None else grad_out * keep[1].to(grad_out.dtype)
+        grad_hidden, direct = fc2_grads(grad_branch.to(hidden.dtype), hidden.detach(), self.mlp.fc2)
+        return (x1, hidden), (grad_out, grad_hidden), direct
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0),
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute == "none" or not torch.is_grad_enabled():
-            return self._forward(x, shift, mask)
+            return self.forward_parts(x, shift, mask)
         if self.recompute == "full":
-            return checkpoint(self._forward, x, shift, mask, use_reentrant=False)
-        return self._forward(x, shift, mask, recompute_attention=True)  # "selective"
+            dropout = self.training and (self.attn.attn_drop > 0 or self.mlp.drop.p > 0
+                                         or self.attn.proj_drop.p > 0)
+            if dropout:  # elementwise masks cannot be re-drawn per slice: recompute the whole batch
+                return checkpoint(self.forward_parts, x, shift, mask, use_reentrant=False)
+            return recompute_block(self, x, shift, mask)
+        return self.forward_parts(x, shift, mask, recompute_attention=True)  # "selective"
 
 
 class SwinStage(nn.Module):

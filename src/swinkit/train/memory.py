@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..allocator import return_freed_memory  # noqa: F401  (re-exported: the trainer's and bench's entry point)
+
 MODES = ("none", "selective", "full")
 
 # Backward of one block holds, besides what it recomputes, gradient buffers of about this many
@@ -103,26 +105,6 @@ def peak_rss() -> int:
     if peak is not None:
         return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def return_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
-    """Make glibc serve allocations above `threshold_bytes` with their own mappings, which go back
-    to the OS when freed, so the process's resident peak tracks its live-tensor peak.
-
-    glibc's default (a threshold that grows up to 32 MB as large blocks are freed) keeps freed
-    activation memory in its heaps: on Swin training the resident peak then runs 1.5-2x above the
-    live peak and creeps up step after step, which no budget can plan for. Returns False where
-    the C library is not glibc (nothing changed). Call it once, before training."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False
 
 
 def _autocast(precision: str, device: torch.device):
