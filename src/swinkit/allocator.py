@@ -9,7 +9,8 @@ gets fresh zero-filled pages (page faults plus zeroing on first touch).
 
 Block recomputation (`models/recompute.py`) allocates and frees the same slice-sized tensors
 over and over: inside its slice loops `reuse_freed_memory` lets glibc keep them in its heap
-(allocations up to 64 MB), and on leaving returns the heap's free pages with `malloc_trim`. The
+(allocations up to 64 MB, and a free heap top up to 256 MB), and on leaving returns the heap's
+free pages with `malloc_trim` and restores glibc's default trim threshold (128 kB). The
 resident set then holds at most one slice's working set more than the live tensors, and the
 loop stops paying for fresh pages slice after slice. Both are no-ops outside glibc, and
 `reuse_freed_memory` is one unless `return_freed_memory` is in effect.
@@ -20,8 +21,9 @@ import ctypes
 import ctypes.util
 from contextlib import contextmanager
 
-_M_MMAP_THRESHOLD = -3  # mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 _LOOP_THRESHOLD = 64 << 20
+_DEFAULT_TRIM = 128 << 10  # glibc's default trim threshold
 
 _libc = None
 _threshold: int | None = None  # set by return_freed_memory
@@ -60,8 +62,10 @@ def reuse_freed_memory():
         yield
         return
     libc.mallopt(_M_MMAP_THRESHOLD, _LOOP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, 4 * _LOOP_THRESHOLD)  # keep a freed heap top for the next slice
     try:
         yield
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, _threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
         libc.malloc_trim(0)

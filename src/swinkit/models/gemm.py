@@ -69,7 +69,8 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad_kernel.view(out_features, in_features)
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """A tracer, compiler or exporter is running the model (it must see plain ops)."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
             or torch.onnx.is_in_onnx_export())
@@ -95,7 +96,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """`F.linear` computed by the oneDNN matmuls above where they apply: with its own autograd
     while autograd records, plain `linear` otherwise. Tracing, export and autocast get `F.linear`."""
     out_features, in_features = weight.shape
-    if _tracing() or torch.is_autocast_enabled(x.device.type) \
+    if tracing() or torch.is_autocast_enabled(x.device.type) \
             or not _onednn(x.numel() // in_features, in_features, out_features, x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gemm import fast_linear
+from torch.utils.checkpoint import checkpoint
+
+from .gemm import fast_linear, tracing
+from .lean import norm_linear
 
 
 def pad_to_multiple(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
@@ -95,8 +98,16 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+        # Training keeps only the image for backward and recomputes projection + norm there (a
+        # ~0.3% FLOP overhead for Swin-T; it runs last in backward, when little else is held).
+        self.lean = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and self.training and torch.is_grad_enabled() and not tracing():
+            return checkpoint(self._embed, x, use_reentrant=False)
+        return self._embed(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         pad_h, pad_w = (p - x.shape[2] % p) % p, (p - x.shape[3] % p) % p
         if pad_h or pad_w:
@@ -117,11 +128,14 @@ class PatchMerging(nn.Module):
         self.version = version
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim if version == 1 else 2 * dim)
+        self.lean = True  # v1 training: keep the 2x2 gather only, rebuild its norm in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, 2, 2)
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5).flatten(3)
         if self.version == 1:
+            if self.lean and torch.is_grad_enabled() and not tracing():
+                return norm_linear(x, self.norm, self.reduction.weight)
             return fast_linear(self.norm(x), self.reduction.weight)
         return self.norm(fast_linear(x, self.reduction.weight))

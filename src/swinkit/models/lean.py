@@ -84,6 +84,42 @@ class _MlpBranch(torch.autograd.Function):
         return (grad_x.to(x.dtype), grad_norm_w, grad_norm_b, grad_w1, grad_b1, grad_w2, grad_b2, None, None)
 
 
+class _NormLinear(torch.autograd.Function):
+    """`linear(layer_norm(x), weight)` (v1 patch merging) storing only `x` and the norm's statistics;
+    the normalised tensor is rebuilt in backward. `[..., K]` -> `[..., N]`."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, weight, eps: float):
+        channels = x.shape[-1]
+        normed, mean, rstd = aten.native_layer_norm(x.to(norm_weight.dtype), [channels], norm_weight, norm_bias, eps)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
+        ctx.eps = eps
+        return gemm.linear(normed.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
+        channels = x.shape[-1]
+        inputs = x.to(norm_weight.dtype)
+        normed = aten.native_layer_norm(inputs, [channels], norm_weight, norm_bias, ctx.eps)[0]
+        grad_out = grad_out.to(weight.dtype)
+        grad_normed = gemm.grad_input(grad_out, weight)
+        grad_weight = gemm.grad_weight(grad_out, normed.to(weight.dtype))
+        grad_x, grad_norm_w, grad_norm_b = aten.native_layer_norm_backward(
+            grad_normed.to(norm_weight.dtype), inputs, [channels], mean, rstd, norm_weight, norm_bias,
+            [True, True, True])
+        return grad_x.to(x.dtype), grad_norm_w, grad_norm_b, grad_weight, None
+
+
+def norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(norm(x), weight)` storing only `x` for backward (plus per-token statistics)."""
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return _NormLinear.apply(x, norm.weight, norm.bias, weight, norm.eps)
+    with torch.autocast(x.device.type, enabled=False):
+        return _NormLinear.apply(x, norm.weight, norm.bias, weight.to(dtype), norm.eps)
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 

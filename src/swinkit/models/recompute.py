@@ -27,8 +27,9 @@ from . import gemm
 SLICE_ELEMENTS = 1 << 20
 
 
-def slice_images(tokens_per_image: int, channels: int, elements: int = SLICE_ELEMENTS) -> int:
+def slice_images(tokens_per_image: int, channels: int, elements: int | None = None) -> int:
     """Images per recomputed slice for a block whose input holds `tokens_per_image x channels` values."""
+    elements = SLICE_ELEMENTS if elements is None else elements
     return max(1, elements // max(tokens_per_image * channels, 1))
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2, window_attention_mask
-from .gemm import fast_linear
+from .gemm import fast_linear, tracing
 from .lean import mlp_branch
 from .recompute import fc2_grads, recompute_block
 from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, pad_to_multiple, window_partition, window_reverse
@@ -174,7 +174,7 @@ class SwinStage(nn.Module):
         plain = ((0, 0), window_attention_mask(padded_h, padded_w, height, width, window, (0, 0), device))
         shifted = (shift, window_attention_mask(padded_h, padded_w, height, width, window, shift, device))
         result = (plain, shifted)
-        if not _tracing():
+        if not tracing():
             if len(self._mask_cache) >= 8:
                 self._mask_cache.pop(next(iter(self._mask_cache)))
             self._mask_cache[key] = result
@@ -191,10 +191,6 @@ class SwinStage(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._mask_cache.clear()  # device/dtype moves invalidate cached masks
         return super()._apply(fn, *args, **kwargs)
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 class ClassifierHead(nn.Module):
@@ -315,6 +311,10 @@ class SwinTransformer(nn.Module):
         """Use the memory-lean autograd kernels of `models/lean.py` (default) or plain autograd."""
         for block in self.blocks():
             block.lean = block.attn.lean = enable
+        self.patch_embed.lean = enable
+        for stage in self.layers:
+            if isinstance(stage.downsample, PatchMerging):
+                stage.downsample.lean = enable
 
     def blocks(self) -> list[SwinBlock]:
         return [block for stage in self.layers for block in stage.blocks]

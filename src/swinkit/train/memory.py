@@ -217,11 +217,17 @@ class BlockProfile:
     constant: dict[str, int]           # mode -> batch-independent saved bytes (bias + mask)
     attention_flops: int               # forward FLOPs of the attention branch (norm, qkv, attention, proj)
     mlp_flops: int                     # forward FLOPs of the MLP branch
+    slice_images: int = 0              # images per slice of "full" recomputation (0: whole batch at once)
 
-    def transient(self, mode: str) -> int:
-        """Bytes per image backward materialises at once for this block: what it recomputes
-        (its "none" bytes less what it kept) plus gradient workspace."""
-        return self.saved["none"] - self.saved[mode] + int(BACKWARD_WORKSPACE * self.saved["none"])
+    def transient(self, mode: str, batch: int = 1) -> int:
+        """Bytes backward materialises at once for this block at `batch` images, besides what the
+        blocks before it keep: what it recomputes (its "none" bytes less what it kept) plus gradient
+        workspace, per image; for sliced "full" recomputation that is one slice's worth, plus the
+        block's output and input gradients for the whole batch."""
+        rebuilt = self.saved["none"] - self.saved[mode] + int(BACKWARD_WORKSPACE * self.saved["none"])
+        if mode == "full" and self.slice_images:
+            return min(batch, self.slice_images) * rebuilt + batch * 2 * self.saved["full"]
+        return batch * rebuilt
 
     def extra_flops(self, mode: str) -> int:
         """Forward FLOPs per image that backward repeats in this mode."""
@@ -247,18 +253,17 @@ class Profile:
     def constant_bytes(self, modes: list[str]) -> int:
         return self.outside_constant + sum(block.constant[mode] for block, mode in zip(self.blocks, modes))
 
-    def peak_bytes(self, modes: list[str]) -> int:
-        """Peak live activation bytes per image in one training step under this plan.
+    def peak_bytes(self, modes: list[str], batch: int = 1) -> int:
+        """Peak live activation bytes of one training step at `batch` images under this plan.
 
         Backward frees each block's saved tensors once it has run, so when block i runs backward
         only blocks 0..i still hold theirs: the peak is the larger of everything saved (end of
         forward) and, over blocks, what blocks 0..i keep plus block i's transient bytes."""
-        total = self.activation_bytes(modes)
+        peak = batch * self.activation_bytes(modes)
         held = self.outside
-        peak = total
         for block, mode in zip(self.blocks, modes):
             held += block.saved[mode]
-            peak = max(peak, held + block.transient(mode))
+            peak = max(peak, batch * held + block.transient(mode, batch))
         return peak
 
     def extra_flops(self, modes: list[str]) -> int:
@@ -281,6 +286,19 @@ def _block_flops(model, img_size) -> list[tuple[int, int]]:
                                + tokens * dim * dim) + height * width * dim
         mlp = 2 * height * width * dim * hidden + height * width * dim
         result += [(2 * attention, 2 * mlp)] * len(stage.blocks)
+    return result
+
+
+def _slice_images(model, img_size) -> list[int]:
+    """Images per slice of each block's "full" recomputation (0 where dropout makes it recompute the
+    whole batch at once, see `models/recompute.py`)."""
+    from ..models.recompute import slice_images
+    result = []
+    for stage, (height, width), dim in zip(model.layers, model.config.stage_resolutions(img_size),
+                                           model.config.stage_dims()):
+        for block in stage.blocks:
+            dropout = block.attn.attn_drop > 0 or block.mlp.drop.p > 0 or block.attn.proj_drop.p > 0
+            result.append(0 if dropout else slice_images(height * width, dim))
     return result
 
 
@@ -313,13 +331,14 @@ def activation_profile(model, img_size: int | tuple[int, int] | None = None, in_
 
     flops = _block_flops(model, img_size)
     stage_of = [i for i, stage in enumerate(model.layers) for _ in stage.blocks]
+    slices = _slice_images(model, img_size)
     profiles = []
     for index in range(len(blocks)):
         saved, constant = {}, {}
         for mode in MODES:
             one, two = counts[mode, 1][0][index], counts[mode, 2][0][index]
             saved[mode], constant[mode] = two - one, max(2 * one - two, 0)
-        profiles.append(BlockProfile(index, stage_of[index], saved, constant, *flops[index]))
+        profiles.append(BlockProfile(index, stage_of[index], saved, constant, *flops[index], slices[index]))
     outside_one, outside_two = counts["none", 1][1], counts["none", 2][1]
     return Profile(img_size=img_size, precision=precision, blocks=profiles, outside=outside_two - outside_one,
                    outside_constant=max(2 * outside_one - outside_two, 0),
@@ -364,7 +383,7 @@ class Plan:
 
 def expected_peak(profile: Profile, fixed: int, batch_size: int, modes: list[str]) -> int:
     """Estimated peak bytes of training `batch_size` images per step with this plan."""
-    activations = profile.constant_bytes(modes) + batch_size * profile.peak_bytes(modes)
+    activations = profile.constant_bytes(modes) + profile.peak_bytes(modes, batch_size)
     return int(fixed + ALLOCATOR_SLACK * activations)
 
 
@@ -429,7 +448,7 @@ def plan_for_budget(model, batch_size: int, budget_bytes: int | str, img_size=No
 
 def max_batch_for_budget(profile: Profile, fixed: int, budget: int, modes: list[str]) -> int:
     """Largest batch the estimate fits within `budget` under a fixed plan (0 if none)."""
-    per_image = ALLOCATOR_SLACK * profile.peak_bytes(modes)
+    per_image = ALLOCATOR_SLACK * max(profile.peak_bytes(modes, 2) - profile.peak_bytes(modes, 1), 1)
     room = budget - fixed - ALLOCATOR_SLACK * profile.constant_bytes(modes)
     batch = max(int(room // per_image), 0)
     while expected_peak(profile, fixed, batch + 1, modes) <= budget:  # settle the rounding
