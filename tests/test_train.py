@@ -190,10 +190,13 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ distributed
-def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("recompute", [[], ["--grad-checkpointing"]], ids=["plain", "recompute"])
+def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, recompute):
     # The recipe's lr (5e-4 per 512 images): Adam turns float noise in near-zero gradients into
     # steps of up to lr, so a large unscaled lr would compare noise, not the data split.
-    flags = ["--no-augment", "--drop-path", 0, "--max-steps", 4]
+    # With recomputation the block parameters' gradients come out of models/recompute.py's
+    # autograd function once per step, which DDP's gradient hooks must see as usual.
+    flags = ["--no-augment", "--drop-path", 0, "--max-steps", 4, *recompute]
     args = synthetic(*flags, data__synthetic_train_size=64, optim__scale_lr="true", optim__lr="5e-4")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "swinkit",
@@ -207,9 +210,10 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
     assert ddp_eval["val_images"] == 16  # distributed evaluation counts every image once
 
 
-def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path):
+@pytest.mark.parametrize("recompute", [[], ["--grad-checkpointing"]], ids=["plain", "recompute"])
+def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, recompute):
     """`--nproc 2` relaunches under torchrun; FSDP2 (fully_shard) shards over gloo."""
-    args = synthetic("--no-augment", "--drop-path", 0, "--max-steps", 3, train__strategy="fsdp",
+    args = synthetic("--no-augment", "--drop-path", 0, "--max-steps", 3, *recompute, train__strategy="fsdp",
                      data__synthetic_train_size=32, optim__scale_lr="true", optim__lr="5e-4")
     fsdp = swinkit_train("--batch-size", 4, "--nproc", 2, "--output", tmp_path / "fsdp", *args)
     single = swinkit_train("--batch-size", 8, "--output", tmp_path / "single", *args)
