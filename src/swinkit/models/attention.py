@@ -146,15 +146,13 @@ class WindowAttentionV1(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch_windows, tokens, channels = x.shape
+        qkv = fast_linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
         if _use_lean(self):
-            qkv = fast_linear(x, self.qkv.weight, self.qkv.bias)
-            qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
             out = lean_window_attention(qkv, self.relative_position_bias(), mask, None, self.head_dim ** -0.5,
                                         self.keep_probs)
             return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
-        qkv = fast_linear(x, self.qkv.weight, self.qkv.bias)
-        qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.attn_drop if self.training else 0.0
         out = attend(q, k, v, self.relative_position_bias().to(q.dtype), mask, dropout, scale=None)
         out = out.transpose(1, 2).reshape(batch_windows, tokens, channels)
@@ -214,10 +212,9 @@ class WindowAttentionV2(nn.Module):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        lean = _use_lean(self)
         qkv = fast_linear(x, self.qkv.weight, qkv_bias)
         qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
-        if lean:
+        if _use_lean(self):
             out = lean_window_attention(qkv, self.relative_position_bias(), mask, self.logit_scale, 1.0,
                                         self.keep_probs)
             return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))

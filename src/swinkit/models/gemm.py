@@ -69,6 +69,12 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad_kernel.view(out_features, in_features)
 
 
+def linear_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """Gradients of `x @ weight.T + bias` w.r.t. x, weight and bias."""
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_input(grad_out, weight), grad_weight(grad_out, x), grad_bias
+
+
 def tracing() -> bool:
     """A tracer, compiler or exporter is running the model (it must see plain ops)."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)

@@ -29,12 +29,6 @@ aten = torch.ops.aten
 LOG_MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def _linear_grads(grad_out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor):
-    """Gradients of `inputs @ weight.T + bias` w.r.t. inputs, weight and bias."""
-    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return gemm.grad_input(grad_out, weight), gemm.grad_weight(grad_out, inputs), grad_bias
-
-
 class _MlpBranch(torch.autograd.Function):
     """v1: `fc2(gelu(fc1(norm(x))))`; v2: `norm(fc2(gelu(fc1(x))))`. `[..., C]` -> `[..., C]`."""
 
@@ -72,9 +66,9 @@ class _MlpBranch(torch.autograd.Function):
                 grad_out.to(norm_weight.dtype), rest[0].to(norm_weight.dtype), [channels], mean, rstd,
                 norm_weight, norm_bias, mask)
             normed = x.to(w1.dtype)
-        grad_act, grad_w2, grad_b2 = _linear_grads(grad_projected.to(w2.dtype), F.gelu(hidden), w2)
+        grad_act, grad_w2, grad_b2 = gemm.linear_grads(grad_projected.to(w2.dtype), F.gelu(hidden), w2)
         grad_hidden = aten.gelu_backward(grad_act, hidden)
-        grad_normed, grad_w1, grad_b1 = _linear_grads(grad_hidden, normed, w1)
+        grad_normed, grad_w1, grad_b1 = gemm.linear_grads(grad_hidden, normed, w1)
         if ctx.pre_norm:
             grad_x, grad_norm_w, grad_norm_b = aten.native_layer_norm_backward(
                 grad_normed.to(norm_weight.dtype), x.to(norm_weight.dtype), [channels], mean, rstd,

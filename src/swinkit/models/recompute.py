@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from ..allocator import reuse_freed_memory
-from . import gemm
 
 # A slice holds about this many block-input elements (tokens x channels): ~4 MB of fp32 per tensor
 # of the block's width; recomputing it materialises ~20 such tensors (qkv, fc1's 4C output, grads).
@@ -64,6 +63,7 @@ class _RecomputeBlock(torch.autograd.Function):
         block = ctx.block
         params = [p for p in block.parameters() if p.requires_grad]  # the order forward was given
         whole = ctx.step >= x.shape[0]
+        # Allocated before the slice loop's heap reuse: it outlives the loop.
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[3] and not whole else None
         with reuse_freed_memory():
             grad_x, grads = _backward_slices(ctx, x, mask, keep, grad_out, params, grad_x)
@@ -77,7 +77,8 @@ def _forward_slices(block, x, shift, mask, keep, step: int, out: torch.Tensor) -
 
 
 def _backward_slices(ctx, x, mask, keep, grad_out, params, grad_x):
-    """Recompute and backpropagate slice by slice: (grad of x, grads of params summed over slices)."""
+    """Recompute and backpropagate slice by slice: (grad of x, grads of params summed over slices).
+    `grad_x` is the preallocated input gradient when the batch spans several slices."""
     block, whole, wants_x = ctx.block, ctx.step >= x.shape[0], ctx.needs_input_grad[3]
     enabled, dtype = ctx.autocast
     grads: list[torch.Tensor | None] = [None] * len(params)
@@ -112,13 +113,3 @@ def recompute_block(block, x: torch.Tensor, shift, mask) -> torch.Tensor:
     `recompute_for_backward(x, shift, mask, keep, grad_out) -> (outputs, grad_outputs, direct_grads)`."""
     params = [p for p in block.parameters() if p.requires_grad]
     return _RecomputeBlock.apply(block, shift, mask, x, *params)
-
-
-def fc2_grads(grad_branch: torch.Tensor, activation: torch.Tensor, fc2) -> tuple[torch.Tensor, dict]:
-    """For a skipped fc2: the gradient w.r.t. its input, and its own parameter gradients keyed by id."""
-    weight = fc2.weight
-    grad_act = gemm.grad_input(grad_branch, weight.to(grad_branch.dtype))
-    direct = {id(weight): gemm.grad_weight(grad_branch, activation).to(weight.dtype)}
-    if fc2.bias is not None:
-        direct[id(fc2.bias)] = grad_branch.reshape(-1, grad_branch.shape[-1]).sum(0).to(fc2.bias.dtype)
-    return grad_act, direct

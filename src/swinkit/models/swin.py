@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2, window_attention_mask
-from .gemm import fast_linear, tracing
+from .gemm import fast_linear, linear_grads, tracing
 from .lean import mlp_branch
-from .recompute import fc2_grads, recompute_block
+from .recompute import recompute_block
 from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, pad_to_multiple, window_partition, window_reverse
 from .registry import SwinConfig
 
@@ -107,6 +107,10 @@ class SwinBlock(nn.Module):
         finally:
             self.attn.recompute_forward = False
 
+    def has_dropout(self) -> bool:
+        """Elementwise dropout anywhere in the block (attention, projection or MLP)."""
+        return self.attn.attn_drop > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0
+
     def drop_path_masks(self, x: torch.Tensor) -> tuple:
         """Both residual branches' drop-path masks for a batch like `x`, drawn in forward's order."""
         return self.drop_path1.new_mask(x), self.drop_path2.new_mask(x)
@@ -120,14 +124,17 @@ class SwinBlock(nn.Module):
         so recomputes the whole block."""
         self.attn.keep_probs = True  # the slice is small: store the probabilities, not a third softmax
         try:
-            if self.version != 1 or (self.training and self.mlp.drop.p > 0):
+            if self.version != 1:
                 return (self.forward_parts(x, shift, mask, keep),), (grad_out,), {}
             x1 = x + self.drop_path1(self._attention_branch(x, shift, mask), keep[0])
         finally:
             self.attn.keep_probs = False
         hidden = F.gelu(fast_linear(self.norm2(x1), self.mlp.fc1.weight, self.mlp.fc1.bias))
         grad_branch = grad_out if keep[1] is None else grad_out * keep[1].to(grad_out.dtype)
-        grad_hidden, direct = fc2_grads(grad_branch.to(hidden.dtype), hidden.detach(), self.mlp.fc2)
+        fc2 = self.mlp.fc2
+        grad_hidden, grad_w2, grad_b2 = linear_grads(grad_branch.to(hidden.dtype), hidden.detach(),
+                                                     fc2.weight.to(hidden.dtype))
+        direct = {id(fc2.weight): grad_w2.to(fc2.weight.dtype), id(fc2.bias): grad_b2.to(fc2.bias.dtype)}
         return (x1, hidden), (grad_out, grad_hidden), direct
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0),
@@ -135,9 +142,7 @@ class SwinBlock(nn.Module):
         if self.recompute == "none" or not torch.is_grad_enabled():
             return self.forward_parts(x, shift, mask)
         if self.recompute == "full":
-            dropout = self.training and (self.attn.attn_drop > 0 or self.mlp.drop.p > 0
-                                         or self.attn.proj_drop.p > 0)
-            if dropout:  # elementwise masks cannot be re-drawn per slice: recompute the whole batch
+            if self.training and self.has_dropout():  # elementwise masks cannot be re-drawn per slice: recompute the whole batch
                 return checkpoint(self.forward_parts, x, shift, mask, use_reentrant=False)
             return recompute_block(self, x, shift, mask)
         return self.forward_parts(x, shift, mask, recompute_attention=True)  # "selective"

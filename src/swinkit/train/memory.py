@@ -304,8 +304,7 @@ def _slice_images(model, img_size) -> list[int]:
     for stage, (height, width), dim in zip(model.layers, model.config.stage_resolutions(img_size),
                                            model.config.stage_dims()):
         for block in stage.blocks:
-            dropout = block.attn.attn_drop > 0 or block.mlp.drop.p > 0 or block.attn.proj_drop.p > 0
-            result.append(0 if dropout else slice_images(height * width, dim))
+            result.append(0 if block.has_dropout() else slice_images(height * width, dim))
     return result
 
 
