@@ -25,5 +25,5 @@ resume=()
 "$swinkit" train --config configs/fashion_mnist.yaml --data "$data_dir" --output "$run_dir" "${resume[@]}"
 
 "$swinkit" eval --weights "$run_dir/best.safetensors" --data "$data_dir"
-sample="$(find "$data_dir/val" -name '*.png' | sort | head -n 1)"
+sample="$(find "$data_dir/val" -name '*.png' | sort | sed -n 1p)"  # sed reads all: no SIGPIPE under pipefail
 "$swinkit" predict --weights "$run_dir/best.safetensors" "$sample" --topk 3
