@@ -54,7 +54,7 @@ def test_optimized_matches_without_onednn_and_in_graph_constants():
     images = torch.randn(2, 3, 75, 50)
     with torch.no_grad():
         expected = model(images)
-        plain = FastSwin(model, use_onednn=False, split_qkv=True)
+        plain = FastSwin(model, use_onednn=False)
         torch.testing.assert_close(plain(images), expected, atol=1e-4, rtol=0)
         plain.symbolic_sizes = True
         torch.testing.assert_close(plain(images), expected, atol=1e-4, rtol=0)
@@ -76,7 +76,7 @@ def test_optimized_caches_constants_per_size_and_is_eval_only():
         assert len(fast._plans) == 1  # batch size does not matter
         fast(torch.randn(1, 3, 48, 40))
         assert len(fast._plans) == 2
-    assert not any(p.requires_grad for p in fast.buffers()) and not list(fast.parameters())
+    assert not any(p.requires_grad for p in fast.parameters())
     with pytest.raises(RuntimeError, match="inference-only"):
         fast.train()
     # the source model is untouched and still trainable
@@ -201,3 +201,54 @@ def test_bench_infer_cli_json(capsys):
     result = json.loads(capsys.readouterr().out)
     engines = {row["engine"] for row in result["rows"]} | {item["engine"] for item in result["skipped"]}
     assert {"swinkit eager", "swinkit optimized", "timm eager", "timm jit.trace"} <= engines
+
+
+# ------------------------------------------------------------------------------------ one shift rule
+@needs_ort
+def test_model_fast_path_onnx_and_official_masks_follow_one_shift_rule(tmp_path, monkeypatch):
+    """A 7x14 stage with window 7 shifts its odd blocks by (0, 3): only along the axis larger than
+    the window. The eval model, the fast model, the ONNX export and the official layout's
+    `attn_mask` buffers all say so, at the build size and at a 200x333 input."""
+    from swinkit.infer.export import export_onnx
+    from swinkit.infer.onnx_runner import OnnxRunner
+    from swinkit.models import SwinConfig, swin
+    from swinkit.models.attention import window_attention_mask
+    from swinkit.weights.layouts import from_native
+    config = SwinConfig(version=1, img_size=(28, 56), window_size=7, embed_dim=16, depths=(2, 2),
+                        num_heads=(1, 2), num_classes=5, drop_path_rate=0.0)
+    assert config.stage_resolutions() == [(7, 14), (4, 7)] and config.stage_windows() == [7, 4]
+    assert config.stage_shifts() == [(0, 3), (0, 2)]
+    torch.manual_seed(0)
+    model = swinkit.SwinTransformer(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+
+    # the eval model
+    shifts = []
+    original = swin.to_windows
+    monkeypatch.setattr(swin, "to_windows", lambda x, window, shift: shifts.append(shift) or original(x, window, shift))
+    images = torch.randn(2, 3, 28, 56)
+    with torch.no_grad():
+        expected = model(images)
+    assert shifts == [(0, 0), (0, 3), (0, 0), (0, 2)]
+    monkeypatch.setattr(swin, "to_windows", original)
+
+    # the official layout's buffers
+    official = from_native(model.state_dict(), "official", config)
+    assert "layers.0.blocks.0.attn_mask" not in official
+    torch.testing.assert_close(official["layers.0.blocks.1.attn_mask"], window_attention_mask(7, 14, 7, (0, 3)))
+    torch.testing.assert_close(official["layers.1.blocks.1.attn_mask"], window_attention_mask(4, 8, 4, (0, 2)))
+
+    # the fast model and the ONNX export, which would differ from a model shifting both axes or none
+    runner = OnnxRunner(export_onnx(model, tmp_path / "shift.onnx"))
+    fast = optimize_for_inference(model)
+    for batch, height, width in [(2, 28, 56), (1, 200, 333)]:
+        x = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            reference = model(x)
+            torch.testing.assert_close(fast(x), reference, atol=1e-4, rtol=0)
+        torch.testing.assert_close(runner(x), reference, atol=1e-4, rtol=0)
+    monkeypatch.setattr(swin, "shift_size", lambda size, window: window // 2)
+    with torch.no_grad():
+        assert (model(images) - expected).abs().max() > 1e-2  # the shift rule matters at this size

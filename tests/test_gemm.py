@@ -5,22 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swinkit.models import gemm
+from swinkit import onednn as gemm
+from swinkit.train import lean
 
 from test_lean import loss_and_grads, perturbed
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
-# rows x in x out: above gemm.MIN_MACS (rows not a multiple of anything convenient)
+# rows x in x out: above onednn.MIN_MACS (rows not a multiple of anything convenient)
 SHAPE = (4099, 96, 288)
 
 
 def test_large_problems_take_the_onednn_path():
     rows, inner, outer = SHAPE
     x = torch.randn(rows, inner)
-    assert gemm._onednn(rows, inner, outer, x)
-    assert not gemm._onednn(8, inner, outer, x)
-    assert not gemm._onednn(rows, inner, outer, x.double())
+    assert gemm.uses_onednn("forward", rows * inner * outer, x)
+    assert gemm.uses_onednn("grad_weight", rows * inner * outer, x)
+    assert not gemm.uses_onednn("forward", 8 * inner * outer, x)
+    assert not gemm.uses_onednn("forward", rows * inner * outer, x.double())
+    assert not gemm.uses_onednn("grad_weight", rows * inner * outer, x.bfloat16())
 
 
 def test_linear_and_its_gradients_match_float64():
@@ -46,17 +49,17 @@ def test_fast_linear_autograd_matches_f_linear():
     weight = (torch.randn(outer, inner) * 0.1).requires_grad_()
     bias = torch.randn(outer, requires_grad=True)
     grad = torch.randn(rows, outer)
-    ours = torch.autograd.grad(gemm.fast_linear(x, weight, bias), (x, weight, bias), grad)
+    ours = torch.autograd.grad(gemm.linear_autograd(x, weight, bias), (x, weight, bias), grad)
     plain = torch.autograd.grad(torch.nn.functional.linear(x, weight, bias), (x, weight, bias), grad)
     for got, ref in zip(ours, plain):
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     with torch.no_grad():  # no autograd: the plain oneDNN product
-        assert torch.allclose(gemm.fast_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
+        assert torch.allclose(gemm.linear_autograd(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
                               rtol=1e-4, atol=1e-4)
 
     class Layer(torch.nn.Linear):
         def forward(self, t):
-            return gemm.fast_linear(t, self.weight, self.bias)
+            return gemm.linear_autograd(t, self.weight, self.bias)
 
     with pytest.warns(FutureWarning):  # jit.trace is deprecated, but it is what the legacy exporter runs
         graph = str(torch.jit.trace(Layer(inner, outer), x.detach()).graph)
@@ -68,10 +71,10 @@ def test_model_gradients_through_onednn_equal_plain_autograd(version, monkeypatc
     """Every matmul of the tiny model takes the oneDNN path (threshold lowered to 0)."""
     model = perturbed(version, torch.float32)
     x = torch.randn(2, 3, 64, 64)
-    model.set_lean_training(False)
+    lean.uninstall(model)
     _, grads_plain = loss_and_grads(model, x)
     monkeypatch.setattr(gemm, "MIN_MACS", 0)
-    model.set_lean_training(True)
+    lean.install(model)
     _, grads_fast = loss_and_grads(model, x)
     for name, grad in grads_plain.items():
         assert torch.allclose(grads_fast[name], grad, rtol=1e-4, atol=1e-6), name

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from swinkit.weights.io import (CheckpointError, atomic_write, read_checkpoint,
-                                torch_save_atomic, write_safetensors)
+from swinkit.files import atomic_write, torch_save_atomic
+from swinkit.weights.io import CheckpointError, read_checkpoint, write_safetensors
 
 
 @pytest.fixture

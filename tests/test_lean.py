@@ -1,10 +1,12 @@
-"""Memory-lean training kernels: the same gradients as plain autograd, with fewer saved bytes."""
+"""The lean training policy (`train.lean.install`): the same loss and gradients as autograd of the plain
+definition, with fewer saved bytes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from swinkit.models import SwinConfig, SwinTransformer
+from swinkit.train import lean
 from swinkit.train.memory import saved_bytes_per_image
 
 CONFIG = SwinConfig(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
@@ -32,9 +34,9 @@ def loss_and_grads(model, x):
 def test_lean_gradients_equal_plain_autograd(version, size):
     model = perturbed(version)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
-    model.set_lean_training(False)
+    lean.uninstall(model)
     loss_plain, grads_plain = loss_and_grads(model, x)
-    model.set_lean_training(True)
+    lean.install(model)
     loss_lean, grads_lean = loss_and_grads(model, x)
     assert torch.equal(loss_plain, loss_lean)
     for name, grad in grads_plain.items():
@@ -45,9 +47,9 @@ def test_lean_gradients_equal_plain_autograd(version, size):
 def test_lean_gradients_fp32(version):
     model = perturbed(version, torch.float32)
     x = torch.randn(2, 3, 64, 64)
-    model.set_lean_training(False)
+    lean.uninstall(model)
     _, grads_plain = loss_and_grads(model, x)
-    model.set_lean_training(True)
+    lean.install(model)
     _, grads_lean = loss_and_grads(model, x)
     for name, grad in grads_plain.items():
         assert torch.allclose(grads_lean[name], grad, rtol=1e-4, atol=1e-6), name
@@ -56,9 +58,9 @@ def test_lean_gradients_fp32(version):
 @pytest.mark.parametrize("version", [1, 2])
 def test_lean_training_saves_less(version):
     model = perturbed(version, torch.float32).train()
-    model.set_lean_training(False)
+    lean.uninstall(model)
     plain = saved_bytes_per_image(model, 64)
-    model.set_lean_training(True)
+    lean.install(model)
     assert saved_bytes_per_image(model, 64) < 0.75 * plain
 
 
@@ -68,15 +70,29 @@ def test_lean_kernels_follow_autocast(version):
     model = perturbed(version, torch.float32).train()
     x = torch.randn(2, 3, 64, 70)
     results = {}
-    for lean in (False, True):
-        model.set_lean_training(lean)
+    for use in (False, True):
+        lean.install(model) if use else lean.uninstall(model)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(x).float().logsumexp(-1).mean()
         loss.backward()
-        results[lean] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        results[use] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
     assert torch.allclose(results[True][0], results[False][0], rtol=2e-2)
     plain = torch.cat([g.flatten() for g in results[False][1]])
-    lean = torch.cat([g.flatten() for g in results[True][1]])
-    assert torch.nn.functional.cosine_similarity(plain, lean, dim=0) > 0.99
+    installed = torch.cat([g.flatten() for g in results[True][1]])
+    assert torch.nn.functional.cosine_similarity(plain, installed, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_lean_policy_leaves_eval_outputs_and_state_dict_alone(version):
+    model = perturbed(version, torch.float32).eval()
+    x = torch.randn(2, 3, 64, 70)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        plain = model(x)
+        lean.install(model, "full")
+        assert list(model.state_dict()) == keys
+        torch.testing.assert_close(model(x), plain, atol=1e-5, rtol=0)
+    lean.uninstall(model)
+    assert type(model.layers[0].blocks[0]) is type(SwinTransformer(CONFIG).layers[0].blocks[0])

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import swinkit
 from swinkit.bench import train as bench_train_module
 from swinkit.bench.train import bench_train, format_table, run_child, search_max_batch, Probe
-from swinkit.train import memory
+from swinkit.sysinfo import parse_size
+from swinkit.train import lean, memory
 
 TINY = "swin_nano_patch2_window4_32"
 
@@ -29,13 +30,13 @@ def profile(tiny):
     ("6GB", 6 * 10 ** 9), ("6 gb", 6 * 10 ** 9), ("2.5G", 2_500_000_000), ("512MiB", 512 * 2 ** 20),
     ("4Gi", 4 * 2 ** 30), ("100", 100), (1024, 1024), ("1e3MB", 10 ** 9)])
 def test_parse_size(text, expected):
-    assert memory.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "six GB", "6XB", "-1GB", 0, "0MB", True])
 def test_parse_size_names_the_bad_value(bad):
     with pytest.raises(ValueError, match="memory size"):
-        memory.parse_size(bad)
+        parse_size(bad)
 
 
 def test_profile_is_monotone_per_block(profile, tiny):
@@ -48,19 +49,27 @@ def test_profile_is_monotone_per_block(profile, tiny):
 
 
 def test_profile_restores_the_model(tiny):
-    tiny.set_recompute(["full"] + ["none"] * (len(tiny.blocks()) - 1))
+    plan = ["full"] + ["none"] * (len(tiny.blocks()) - 1)
+    lean.install(tiny, plan)
     tiny.eval()
     try:
         memory.activation_profile(tiny)
-        assert tiny.recompute_plan()[0] == "full" and not tiny.training
+        assert lean.plan_of(tiny) == plan and not tiny.training
     finally:
-        tiny.set_recompute("none")
+        lean.uninstall(tiny)
         tiny.train()
+    memory.activation_profile(tiny)
+    assert not lean.is_installed(tiny)  # installed for the measurement only
 
 
 def test_saved_bytes_per_image_matches_profile(tiny, profile):
-    plain = memory.saved_bytes_per_image(tiny, 32)
-    assert plain == profile.activation_bytes(["none"] * len(profile.blocks))
+    """The profile measures the model as training runs it: under the lean policy."""
+    lean.install(tiny)
+    try:
+        assert memory.saved_bytes_per_image(tiny, 32) == profile.activation_bytes(["none"] * len(profile.blocks))
+    finally:
+        lean.uninstall(tiny)
+    assert memory.saved_bytes_per_image(tiny, 32) > profile.activation_bytes(["none"] * len(profile.blocks))
 
 
 def test_saved_bytes_per_image_works_on_timm():
@@ -135,12 +144,11 @@ def test_planned_recompute_gives_the_same_loss_and_gradients(profile):
     assert set(plan.modes) - {"none"}
     loss_plain, grads_plain = _loss_and_grads(model, images, labels)
     for modes in (plan.modes, "selective", "full"):
-        model.set_recompute(modes)
+        lean.install(model, modes)
         loss, grads = _loss_and_grads(model, images, labels)
         assert abs(loss.item() - loss_plain.item()) <= 1e-6
         for name, grad in grads_plain.items():
             assert torch.allclose(grads[name], grad, rtol=0, atol=1e-6), (modes, name)
-    model.set_recompute("none")
 
 
 def test_search_doubles_then_bisects():
@@ -215,10 +223,10 @@ def test_profiling_leaves_the_random_stream_alone(tiny):
 
 def test_apply_memory_budget_sets_the_plan_and_logs_it():
     model = swinkit.create_model(TINY, num_classes=10)
-    model.set_recompute("full")
+    lean.install(model, "full")
     messages = []
     plan = memory.apply_memory_budget(model, 4, "24GB", log=messages.append)
-    assert model.recompute_plan() == plan.modes == ["none"] * len(model.blocks())
+    assert lean.plan_of(model) == plan.modes == ["none"] * len(model.blocks())
     assert messages == [plan.summary]
     with pytest.raises(ValueError, match="too small for any batch"):
         memory.apply_memory_budget(model, 4, "1MB")

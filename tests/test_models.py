@@ -9,6 +9,7 @@ import torch
 import swinkit
 from swinkit.models import STANDARD_MODELS, SwinConfig, SwinTransformer, get_config
 from swinkit.models import swin as swin_module
+from swinkit.train import lean
 
 timm = pytest.importorskip("timm")
 
@@ -91,7 +92,9 @@ def test_padded_tokens_do_not_leak(config, monkeypatch):
             out[:, :height, :width] = t
             return out
 
-        monkeypatch.setattr(swin_module, "pad_to_multiple", noisy_pad)
+        original = swin_module.to_windows
+        monkeypatch.setattr(swin_module, "to_windows",
+                            lambda t, window, shift: original(noisy_pad(t, window, window), window, shift))
         noisy = model(x)
     assert torch.allclose(reference, noisy, atol=1e-5)
 
@@ -117,11 +120,11 @@ def test_masks_are_built_once_per_size():
     model = SwinTransformer(TINY_V1).eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
-        first = model.layers[0].shifts_and_masks(16, 16, torch.device("cpu"))
+        first = model.layers[0].attention_mask(16, 16, (2, 2), torch.device("cpu"))
         model(torch.randn(1, 3, 64, 64))
-        assert model.layers[0].shifts_and_masks(16, 16, torch.device("cpu")) is first
+        assert model.layers[0].attention_mask(16, 16, (2, 2), torch.device("cpu")) is first
         model(torch.randn(1, 3, 96, 96))
-    assert len(model.layers[0]._mask_cache) == 2
+    assert len(model.layers[0]._mask_cache) == 4  # two sizes, plain and shifted blocks
 
 
 @pytest.mark.parametrize("config", [TINY_V1, TINY_V2], ids=["v1", "v2"])
@@ -139,20 +142,25 @@ def test_recomputation_gives_identical_gradients(config, plan):
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     loss_plain, grads_plain = grads()
-    model.set_recompute(plan)
+    lean.install(model, plan)
     loss_recomputed, grads_recomputed = grads()
     assert torch.equal(loss_plain, loss_recomputed)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(grads_plain, grads_recomputed))
 
 
-def test_grad_checkpointing_switch_and_bad_plan():
-    model = SwinTransformer(TINY_V1)
+def test_grad_checkpointing_gives_identical_gradients_and_bad_plans_are_refused():
+    model = perturb(SwinTransformer(TINY_V1)).train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
     model.set_grad_checkpointing(True)
-    assert set(model.recompute_plan()) == {"full"}
-    model.set_grad_checkpointing(False)
-    assert set(model.recompute_plan()) == {"none"}
+    assert all(stage.grad_checkpointing for stage in model.layers)
+    model(x).sum().backward()
+    assert all(torch.allclose(a, p.grad, rtol=0, atol=1e-6) for a, p in zip(plain, model.parameters()))
     with pytest.raises(ValueError, match="recompute plan"):
-        model.set_recompute(["full"])
+        lean.install(model, ["full"])
+    assert lean.plan_of(SwinTransformer(TINY_V1)) == ["none"] * 8
 
 
 def test_reset_classifier():
@@ -189,3 +197,18 @@ def test_cli_info_and_unknown_name(capsys):
     assert main(["info", "swin_tiny_patch4_window8_224"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'swin_tiny_patch4_window8_224'" in err and "swin_tiny_patch4_window7_224" in err
+
+
+@pytest.mark.parametrize("height,width,window,shift", [(7, 14, 7, (0, 3)), (9, 13, 4, (2, 2)), (8, 8, 4, (0, 0)),
+                                                       (5, 3, 4, (2, 0))])
+def test_window_layout_index_map_is_the_layout_of_to_windows(height, width, window, shift):
+    """The fast path's gathers come from `attention.window_layout`; it must place every token where
+    the definition's `to_windows` (pad, roll, partition) does, and mask exactly the padded slots."""
+    from swinkit.models.attention import PAD_MASK_VALUE, window_layout
+    from swinkit.models.layers import to_windows
+    grid = torch.arange(height * width, dtype=torch.float64).view(1, height, width, 1) + 1  # 0 = padding
+    expected = to_windows(grid, window, shift).flatten().long() - 1
+    token, mask = window_layout(height, width, window, shift)
+    assert torch.equal(token, expected)
+    padded_keys = (mask <= PAD_MASK_VALUE / 2).all(dim=1)  # [num_windows, N]: masked for every query
+    assert torch.equal(padded_keys.flatten(), expected < 0)

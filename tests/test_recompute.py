@@ -10,7 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from swinkit.models import SwinConfig, SwinTransformer, recompute
+from swinkit.models import SwinConfig, SwinTransformer
+from swinkit.train import lean
+from swinkit.train.lean import recompute
 from swinkit.train import memory
 
 CONFIG = SwinConfig(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
@@ -42,7 +44,7 @@ def test_sliced_recompute_equals_plain_fp32(version, monkeypatch):
     model = perturbed(version)
     x = torch.randn(3, 3, 64, 70)
     loss_plain, grads_plain = loss_and_grads(model, x)
-    model.set_recompute("full")
+    lean.install(model, "full")
     loss_full, grads_full = loss_and_grads(model, x)
     assert torch.equal(loss_plain, loss_full)
     for name, grad in grads_plain.items():
@@ -55,7 +57,7 @@ def test_sliced_recompute_equals_plain_float64(monkeypatch):
     model = perturbed(1, torch.float64)
     x = torch.randn(5, 3, 64, 64, dtype=torch.float64)
     _, grads_plain = loss_and_grads(model, x)
-    model.set_recompute("full")
+    lean.install(model, "full")
     _, grads_full = loss_and_grads(model, x)
     for name, grad in grads_plain.items():
         assert torch.allclose(grads_full[name], grad, rtol=1e-12, atol=1e-14), name
@@ -66,18 +68,19 @@ def test_sliced_recompute_restores_autocast(version, monkeypatch):
     """Backward runs outside autocast: the recomputation must re-enter the forward's bf16 autocast."""
     monkeypatch.setattr(recompute, "SLICE_ELEMENTS", 16 * 16 * 16)
     model = perturbed(version)
+    x = torch.randn(2, 3, 64, 64)
+    lean.install(model, "none")  # the same kernels, storing everything
+    _, grads_plain = loss_and_grads(model, x, autocast=True)
+    lean.set_plan(model, "full")
     states = []
     for block in model.blocks():
-        original = block.recompute_for_backward
+        original = block.forward_stored
 
         def spy(*args, original=original):
-            states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            if torch.is_grad_enabled():  # the recomputation in backward (forward runs without grad)
+                states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
             return original(*args)
-        monkeypatch.setattr(block, "recompute_for_backward", spy)
-    x = torch.randn(2, 3, 64, 64)
-    _, grads_plain = loss_and_grads(model, x, autocast=True)
-    assert not states
-    model.set_recompute("full")
+        monkeypatch.setattr(block, "forward_stored", spy)
     _, grads_full = loss_and_grads(model, x, autocast=True)
     assert len(states) == 2 * 2 + 6  # first stage: two one-image slices per block; later stages: one
     assert set(states) == {(True, torch.bfloat16)}
@@ -102,7 +105,7 @@ def test_a_recomputed_block_keeps_only_its_input():
 def test_dropout_falls_back_to_whole_batch_checkpointing():
     torch.manual_seed(0)
     model = SwinTransformer(CONFIG.replace(drop_rate=0.1)).train()
-    model.set_recompute("full")
+    lean.install(model, "full")
     x = torch.randn(2, 3, 64, 64)
     torch.manual_seed(3)
     model(x).sum().backward()  # torch.utils.checkpoint replays the dropout masks
@@ -114,16 +117,19 @@ def test_slice_loops_hand_freed_memory_back():
     """Under return_freed_memory, memory freed inside reuse_freed_memory() goes back on leaving it."""
     code = textwrap.dedent("""
         import torch
-        from swinkit import allocator
-        from swinkit.train.memory import process_rss
-        assert allocator.return_freed_memory()
-        before = process_rss()
-        with allocator.reuse_freed_memory():
-            for _ in range(4):
-                chunk = torch.ones(8 << 20)  # 32 MB: below the loop's threshold, served from the heap
-                del chunk
-            inside = process_rss()
-        after = process_rss()
+        from swinkit.train.lean import allocator
+        from swinkit.sysinfo import process_rss
+        assert allocator._glibc() is not None
+        with allocator.returning_freed_memory():
+            assert allocator.free_memory_returned()
+            before = process_rss()
+            with allocator.reuse_freed_memory():
+                for _ in range(4):
+                    chunk = torch.ones(8 << 20)  # 32 MB: below the loop's threshold, served from the heap
+                    del chunk
+                inside = process_rss()
+            after = process_rss()
+        assert not allocator.free_memory_returned()
         print(inside - before > 24 << 20, after - before < 8 << 20)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

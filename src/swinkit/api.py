@@ -14,16 +14,15 @@ from typing import Mapping
 
 import torch
 
+from .files import atomic_write, torch_save_atomic
+from .metadata import FORMAT_ENTRY, META_CONFIG, META_NAME, config_from_metadata, model_entries
 from .models.registry import MODELS, SwinConfig, get_config, name_for_config
 from .models.swin import SwinTransformer
 from .weights import layouts
-from .weights.io import CheckpointError, read_checkpoint, torch_save_atomic, write_safetensors
+from .weights.io import CheckpointError, read_checkpoint, write_safetensors
 from .weights.resize import adapt_state_dict
 
 log = logging.getLogger("swinkit")
-
-META_CONFIG = "swinkit_config"
-META_NAME = "swinkit_name"
 
 
 @dataclass
@@ -78,11 +77,8 @@ def read_native(source: str | Path | Mapping[str, torch.Tensor]) -> Checkpoint:
 def _config_from_checkpoint(state_dict, metadata, layout, label) -> tuple[SwinConfig | None, str | None]:
     """The model a checkpoint holds: from swinkit metadata, else inferred from its tensors
     (and buffers, which carry the window for v2) and a Hugging Face config.json."""
-    if META_CONFIG in metadata:
-        try:
-            config = SwinConfig.from_dict(json.loads(metadata[META_CONFIG]))
-        except (ValueError, TypeError) as error:
-            raise CheckpointError(f"'{label}' has invalid swinkit metadata: {error}") from None
+    config = config_from_metadata(metadata, source=label)
+    if config is not None:
         return config, metadata.get(META_NAME) or name_for_config(config)
     try:
         inferred = layouts.infer_config(state_dict, layout)
@@ -195,11 +191,7 @@ def load_weights(model: SwinTransformer, source: str | Path | Mapping[str, torch
 
 def model_metadata(model: SwinTransformer, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Metadata that lets a file alone recreate its model (config, name) plus `extra` strings."""
-    metadata = {META_CONFIG: json.dumps(model.config.to_dict()), "format": "pt"}
-    if model.name:
-        metadata[META_NAME] = model.name
-    metadata.update(extra or {})
-    return metadata
+    return {**model_entries(model.config, model.name), **(extra or {})}
 
 
 def save_weights(model: SwinTransformer, path: str | Path, *, layout: str = "native",
@@ -222,14 +214,13 @@ def write_layout(native: Mapping[str, torch.Tensor], path: str | Path, layout: s
     if layout == "hf":
         path.mkdir(parents=True, exist_ok=True)
         hf_config = layouts.hf_config(config, config.num_classes)
-        from .weights.io import atomic_write
         atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
-        write_safetensors(state_dict, path / "model.safetensors", {"format": "pt"})
+        write_safetensors(state_dict, path / "model.safetensors", FORMAT_ENTRY)
         return path
     if layout == "official":
         return torch_save_atomic({"model": state_dict}, path)
     if path.suffix == ".safetensors":
-        return write_safetensors(state_dict, path, dict(metadata or {}) if layout == "native" else {"format": "pt"})
+        return write_safetensors(state_dict, path, dict(metadata or {}) if layout == "native" else FORMAT_ENTRY)
     return torch_save_atomic(state_dict, path)
 
 
@@ -243,10 +234,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, model: str 
         name = model
     if config is None:
         raise CheckpointError(f"'{src}' does not say which Swin variant it holds; pass model=NAME (--model)")
-    metadata = {META_CONFIG: json.dumps(config.to_dict()), "format": "pt"}
-    if name:
-        metadata[META_NAME] = name
-    return write_layout(checkpoint.state_dict, dst, to, config, metadata)
+    return write_layout(checkpoint.state_dict, dst, to, config, model_entries(config, name))
 
 
 def _num_classes(native: Mapping[str, torch.Tensor], fallback: SwinConfig) -> int:

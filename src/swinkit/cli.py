@@ -89,18 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands contributed by the other packages (train, eval, predict, export, bench, ...)."""
-    registers = []
-    for module_name in ("swinkit.train.cli", "swinkit.infer.cli", "swinkit.infer.cli_deploy", "swinkit.bench.cli",
-                        "swinkit.data.cli"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        registers.append(module.register)
-    return registers
+    """Subcommands contributed by the other packages (train, eval, predict, export, bench, data)."""
+    from .bench.cli import register as bench
+    from .data.cli import register as data
+    from .infer.cli import register as infer
+    from .infer.cli_deploy import register as deploy
+    from .train.cli import register as train
+    return [train, infer, deploy, bench, data]
 
 
 def main(argv: list[str] | None = None) -> int:

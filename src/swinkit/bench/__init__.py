@@ -1,5 +1,11 @@
-"""Benchmarks: `bench_infer` (swinkit's inference engines against timm, torchvision, Hugging Face
-and ONNX Runtime on timm's export), with tables and plots."""
+"""Benchmarks, each against its peers in the same run and printed as a table:
+
+    infer.py        `swinkit bench infer`: swinkit's inference engines (eager, optimized, ONNX Runtime,
+                    INT8) against timm, torchvision, Hugging Face and ONNX Runtime on timm's export
+    train.py        `swinkit bench train`: per setting (fp32, amp, recomputation) the largest batch that
+                    trains within a memory budget and its speed, each run in `train_child.py`
+    peers.py        the peer models;  machine.py  what the run was measured on
+"""
 from .infer import bench_infer, format_table, gemm_peak, plot
 
 __all__ = ["bench_infer", "format_table", "gemm_peak", "plot"]

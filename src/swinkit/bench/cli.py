@@ -1,5 +1,5 @@
-"""`swinkit bench infer` (argument parsing and printing around `bench.infer.bench_infer`) and
-`swinkit bench train` (registered from `bench.train`)."""
+"""`swinkit bench`: `infer` (argument parsing and printing around `bench.infer.bench_infer`) and
+`train` (registered from `bench.train`)."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,7 @@ def _cmd_infer(args) -> int:
 
 
 def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks (inference against peers)")
+    bench = subparsers.add_parser("bench", help="benchmarks: inference against peers, training within a memory budget")
     kinds = bench.add_subparsers(dest="bench", required=True)
     infer = kinds.add_parser("infer", help="ms/batch and img/s of swinkit eager/optimized/ONNX Runtime/INT8 and peers")
     infer.add_argument("--model", help="model name (default: what --weights holds)")
@@ -53,10 +53,5 @@ def register(subparsers) -> None:
     infer.add_argument("--plot", help="write a bar chart of img/s to this .png")
     infer.set_defaults(func=_cmd_infer)
 
-    try:  # `bench train` lives in its own module (the training benchmark)
-        from .train import register_train
-    except ModuleNotFoundError as error:
-        if error.name != "swinkit.bench.train":
-            raise
-    else:
-        register_train(kinds)
+    from .train import register_train  # `bench train` lives with the training benchmark
+    register_train(kinds)

@@ -30,7 +30,7 @@ import torch
 
 from .. import api
 from ..infer.fast import optimize_for_inference
-from . import peers
+from . import machine, peers
 
 log = logging.getLogger("swinkit")
 
@@ -153,9 +153,9 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
     flops = 2 * model.flops(img_size)
     header = {
         "model": model.name or model_name or str(weights), "weights": str(weights) if weights else None,
-        "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3), "cpu": peers.cpu_name(),
+        "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3), "cpu": machine.cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds, "warmup": warmup,
-        "load_average": peers.load_average(),
+        "load_average": machine.load_average(),
     }
     try:
         import onnxruntime
@@ -182,7 +182,7 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
         for row in rows:
             if "gflops" in row:
                 row["pct_gemm_peak"] = {name: round(100 * row["gflops"] / peak, 1) for name, peak in peaks.items()}
-    header["load_average_after"] = peers.load_average()
+    header["load_average_after"] = machine.load_average()
     return {"header": header, "rows": rows, "skipped": skipped}
 
 
@@ -257,7 +257,7 @@ def plot(result: dict, path: str | Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ..weights.io import atomic_write
+    from ..files import atomic_write
     rows = result["rows"]
     batches = sorted({row["batch"] for row in rows})
     engines = [e for e in ENGINE_ORDER if any(row["engine"] == e for row in rows)]

@@ -6,7 +6,6 @@ random weights: only their speed is measured, and the architectures are identica
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,22 +110,3 @@ def timm_onnxruntime(config: SwinConfig, example: torch.Tensor, workdir: Path, t
         raise PeerUnavailable(f"timm's model does not export to ONNX: {str(error).splitlines()[0]}") from None
     from ..infer.onnx_runner import OnnxRunner
     return OnnxRunner(path, threads=threads)
-
-
-def cpu_name() -> str:
-    """The CPU model string (Linux /proc/cpuinfo, else platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,7 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from ..train import memory
-from .train_child import OVER_BUDGET_EXIT, SETTINGS, build_model, lean_autocast_ok
+from ..sysinfo import format_size, parse_size
+from .machine import load_average, machine_info
+from .train_child import OVER_BUDGET_EXIT, SETTINGS, build_model
 
 ROW_KEYS = ("setting", "impl", "max_batch", "s_per_step", "img_per_s", "batch_ratio", "throughput_pct",
             "peak_bytes", "saved_bytes_per_image", "plan", "capped")
@@ -127,13 +128,7 @@ class _Planner:
     def profile(self, amp: bool) -> memory.Profile:
         key = "bf16-mixed" if amp else "fp32"
         if key not in self.profiles:
-            # the child trains with plain autograd where the lean kernels cannot run under autocast
-            plain = amp and not lean_autocast_ok(self.model, torch.device("cpu"))
-            self.model.set_lean_training(not plain)
-            try:
-                self.profiles[key] = memory.activation_profile(self.model, self.img_size, precision=key)
-            finally:
-                self.model.set_lean_training(True)
+            self.profiles[key] = memory.activation_profile(self.model, self.img_size, precision=key)
         return self.profiles[key]
 
     def plan(self, batch: int, amp: bool) -> list[str]:
@@ -162,27 +157,6 @@ def bf16_matmul_cost(size: int = 768, repeats: int = 5) -> dict:
     return results
 
 
-def machine_info(device: str = "cpu") -> dict:
-    cpu = platform.processor() or platform.machine()
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_units": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "recompute", "recompute+amp"), *,
                 compare: tuple[str, ...] = (), steps: int = 2, img_size: int | None = None, max_batch: int = 4096,
                 batch: int | None = None, tolerance: float = 0.0, device: str = "cpu", threads: int | None = None,
@@ -191,7 +165,7 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
 
     `batch` skips the search and measures that batch only (its row says whether it fit).
     """
-    budget = memory.parse_size(budget)
+    budget = parse_size(budget)
     settings = list(settings)
     for setting in settings:
         if setting not in SETTINGS:
@@ -222,7 +196,7 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
             if impl == "swinkit":
                 planner.saw(result.result)
             log(f"  {impl} {setting:<13} batch {candidate:>5}: "
-                + (f"peak {memory.format_size(result.result['peak_bytes'])}" if result.fits else "over budget"))
+                + (f"peak {format_size(result.result['peak_bytes'])}" if result.fits else "over budget"))
             return result
 
         if batch is not None:
@@ -260,7 +234,7 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
               "machine": machine_info(device), "saved_bytes_per_image": saved, "rows": rows}
     if any("amp" in s for s in settings) and device == "cpu":
         report["bf16_matmul_gflops"] = bf16_matmul_cost()
-    report["machine"]["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    report["machine"]["load_average_end"] = load_average()
     return report
 
 
@@ -282,7 +256,7 @@ def format_table(report: dict) -> str:
     units = ", ".join(machine["bf16_units"]) or "none"
     lines = [
         f"swinkit bench train: {report['model']} at {report['img_size']}px, memory budget "
-        f"{memory.format_size(report['budget_bytes'])}, AdamW + cross-entropy on synthetic data, "
+        f"{format_size(report['budget_bytes'])}, AdamW + cross-entropy on synthetic data, "
         f"{report['steps']} timed step(s)"
         + (f"; fixed batch {report['fixed_batch']} (no search)" if report.get("fixed_batch") else ""),
         f"{machine.get('gpu') or machine['cpu']} ({machine['cpu_capability']}, bf16 instructions: {units}), "
@@ -300,13 +274,13 @@ def format_table(report: dict) -> str:
             f"| {row['setting']:<14} | {batch:>9} | {_fmt(row['s_per_step'], '{:.2f}'):>7} | "
             f"{_fmt(row['img_per_s'], '{:.2f}'):>6} | {_fmt(row['batch_ratio'], '{:.2f}x'):>7} | "
             f"{_fmt(row['throughput_pct'], '{:.0f}%'):>10} | "
-            f"{_fmt(row['peak_bytes'], '{}', '-') if row['peak_bytes'] is None else memory.format_size(row['peak_bytes']):>8} | "
-            f"{'-' if saved is None else memory.format_size(saved):>9} | {row['plan'] or '-'}")
+            f"{_fmt(row['peak_bytes'], '{}', '-') if row['peak_bytes'] is None else format_size(row['peak_bytes']):>8} | "
+            f"{'-' if saved is None else format_size(saved):>9} | {row['plan'] or '-'}")
     lines.append("")
     saved = report["saved_bytes_per_image"]
-    line = f"saved activations per image (fp32, saved_tensors_hooks): swinkit {memory.format_size(saved['swinkit'])}"
+    line = f"saved activations per image (fp32, saved_tensors_hooks): swinkit {format_size(saved['swinkit'])}"
     if "timm" in saved:
-        line += f", timm {memory.format_size(saved['timm'])} (swinkit/timm = {saved['swinkit'] / saved['timm']:.2f})"
+        line += f", timm {format_size(saved['timm'])} (swinkit/timm = {saved['swinkit'] / saved['timm']:.2f})"
     lines.append(line)
     if any(r["capped"] for r in report["rows"]):
         lines.append("+ the search stopped at --max-batch; the budget holds more")
@@ -321,9 +295,6 @@ def format_table(report: dict) -> str:
         if amp_row and none_row and amp_row["s_per_step"] and none_row["s_per_step"]:
             per_image = (amp_row["s_per_step"] / amp_row["max_batch"]) / (none_row["s_per_step"] / none_row["max_batch"])
             note += f"; amp training takes {per_image:.2f}x the time per image of fp32"
-        if any(r.get("lean") is False for r in report["rows"]):
-            note += ("; the memory-lean kernels do not run under autocast yet, so amp rows train with plain "
-                     "autograd")
         lines.append(note)
     return "\n".join(lines)
 

@@ -21,21 +21,18 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from ..train.memory import peak_rss, process_rss, return_freed_memory
+from ..precision import amp_dtype
+from ..sysinfo import peak_rss, process_rss
+from ..train import lean
+from ..train.lean.allocator import enable_huge_pages, returning_freed_memory
 
 OVER_BUDGET_EXIT = 75
 SETTINGS = ("none", "amp", "recompute", "recompute+amp")
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CPU; fp16 on CUDA unless the GPU does bf16 (then bf16: no loss scaling needed)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def build_model(name: str, impl: str = "swinkit", img_size: int | None = None, num_classes: int | None = None):
@@ -59,24 +56,6 @@ def build_model(name: str, impl: str = "swinkit", img_size: int | None = None, n
     if config.version == 2:
         return SwinTransformerV2(pretrained_window_sizes=config.pretrained_window_sizes, **kwargs)
     return SwinTransformer(**kwargs)
-
-
-def lean_autocast_ok(model, device: torch.device) -> bool:
-    """Whether the model's memory-lean kernels run backward under autocast (else train it plain)."""
-    if not hasattr(model, "set_lean_training"):
-        return True
-    from ..models.lean import mlp_branch
-    block = model.blocks()[0]
-    x = torch.randn(1, 2, 2, block.norm2.normalized_shape[0], device=device, requires_grad=True)
-    try:
-        with torch.autocast(device.type, dtype=amp_dtype(device)):
-            out = mlp_branch(x, block.norm2, block.mlp, pre_norm=block.version == 1)
-        out.float().sum().backward()
-    except RuntimeError:
-        return False
-    finally:
-        block.zero_grad(set_to_none=True)
-    return True
 
 
 class Watchdog(threading.Thread):
@@ -123,22 +102,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.keep_freed_memory:
-        return_freed_memory()
+    enable_huge_pages()  # as `swinkit train` does: before the first tensor
+    with nullcontext() if args.keep_freed_memory else returning_freed_memory():
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.impl, args.img_size, args.num_classes).to(device).train()
     amp = "amp" in args.setting
-    lean = True
-    if hasattr(model, "set_recompute"):
-        if args.plan:
-            modes = args.plan.split(",")
-            model.set_recompute(modes[0] if len(modes) == 1 else modes)
-        if amp and not lean_autocast_ok(model, device):
-            model.set_lean_training(False)
-            lean = False
+    if args.impl == "swinkit":  # the policy `swinkit train` installs
+        modes = (args.plan or "none").split(",")
+        lean.install(model, modes[0] if len(modes) == 1 else modes)
     elif "recompute" in args.setting:
         model.set_grad_checkpointing(True)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else process_rss()
@@ -177,8 +155,9 @@ def main(argv=None) -> int:
     print(json.dumps({"ok": True, "batch": args.batch, "setting": args.setting, "impl": args.impl,
                       "peak_bytes": peak, "baseline_bytes": baseline, "peak_after_step": peaks, "s_per_step": s_per_step,
                       "img_per_s": args.batch / s_per_step if times else float("nan"),
-                      "loss": None if loss is None else float(loss.detach()), "lean": lean, "threads": torch.get_num_threads(),
-                      "plan": model.recompute_plan() if hasattr(model, "recompute_plan") else None}), flush=True)
+                      "loss": None if loss is None else float(loss.detach()), "lean": args.impl == "swinkit",
+                      "threads": torch.get_num_threads(),
+                      "plan": lean.plan_of(model) if args.impl == "swinkit" else None}), flush=True)
     return 0
 
 

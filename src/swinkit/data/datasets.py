@@ -13,7 +13,7 @@ forkserver) and with persistent workers. The trainer reads
 
     dataset.num_failed        distinct files that failed so far
     dataset.failed_paths()    their paths
-    dataset.check_failures()  raises DataError when more than 1% of the samples failed
+    dataset.check_failures()  raises DataError when more than 1% of the samples failed (errors.py)
 
 e.g. once per epoch after iterating the loader. Under DDP every rank holds its own
 flags; all-reduce `num_failed` if one global number is wanted.
@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from .errors import DataError
+from .errors import MAX_BAD_FRACTION, DataError, check_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -158,20 +158,12 @@ class ImageFolderDataset(Dataset):
     def failed_paths(self) -> list[str]:
         return [self.samples[i][0] for i in torch.nonzero(self._failed).flatten().tolist()]
 
-    def check_failures(self, total: int | None = None, max_fraction: float = 0.01) -> int:
-        """Raise DataError if more than `max_fraction` of `total` samples (default: all) failed.
-
-        Returns the number of failed files otherwise.
+    def check_failures(self, total: int | None = None, max_fraction: float = MAX_BAD_FRACTION) -> int:
+        """Raise DataError if more than `max_fraction` of `total` samples (default: all) failed
+        (`errors.check_unreadable`). Returns the number of failed files otherwise.
         """
         failed = self.num_failed
-        total = len(self) if total is None else total
-        if failed > max_fraction * total:
-            names = self.failed_paths()
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise DataError(
-                f"{failed} of {total} images under {self.root} could not be read "
-                f"(more than {max_fraction:.0%}): {shown}"
-            )
+        check_unreadable(failed, len(self) if total is None else total, self.root, self.failed_paths(), max_fraction)
         return failed
 
 

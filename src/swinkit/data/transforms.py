@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The official eval transform: resize to size / 0.875 (256 for 224), bicubic, centre crop.
+OFFICIAL_CROP_PCT = 0.875
+OFFICIAL_INTERPOLATION = "bicubic"
 _RAND_AUGMENT_MAX_MAGNITUDE = 10  # timm's scale: m0..m10 spans an op's whole range
 
 
@@ -142,8 +145,8 @@ def build_eval_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     *,
-    crop_pct: float = 0.875,
-    interpolation: str = "bicubic",
+    crop_pct: float = OFFICIAL_CROP_PCT,
+    interpolation: str = OFFICIAL_INTERPOLATION,
     in_chans: int = 3,
 ) -> v2.Compose:
     """PIL image -> normalised tensor [in_chans, H, W]: resize to size / crop_pct, centre crop."""

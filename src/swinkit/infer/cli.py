@@ -7,9 +7,9 @@ import sys
 
 import torch
 
+from ..data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION
 from .evaluate import evaluate
 from .predict import predict
-from .runner import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION
 
 
 def _size(text: str) -> tuple[int, int]:

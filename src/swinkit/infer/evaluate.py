@@ -3,7 +3,7 @@
 Flow: `load_runner` (weights -> model + preprocessing + class names) -> match the folder's
 classes to the model's outputs -> DataLoader batches -> logits -> counts. Images that
 cannot be decoded are skipped, named in a warning and counted; more than 1% of them is an
-error, as in training.
+error, as in training (`data.errors.check_unreadable`).
 """
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataError, ImageFolderDataset, load_image, resolve_split
-from .runner import Preprocess, Runner, load_runner, with_preprocess
+from ..data.errors import check_unreadable, name_some
+from ..metadata import Preprocess
+from ..metrics import percent, topk_hits
+from .runner import Runner, load_runner, with_preprocess
 
 log = logging.getLogger("swinkit")
-
-MAX_FAILED_FRACTION = 0.01
 
 
 class _EvalImages(Dataset):
@@ -113,9 +114,7 @@ def evaluate(weights: str | Path | Runner, data: str | Path, *, model_name: str 
         logits = runner(batch).cpu()
         targets = mapping[folder_targets]
         loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-        top = logits.topk(k, dim=1).indices
-        hit_top1 = top[:, 0] == targets
-        hit_topk = (top == targets[:, None]).any(dim=1)
+        hit_top1, hit_topk = topk_hits(logits, targets, k)
         seen += torch.bincount(folder_targets, minlength=num_folder_classes)
         correct_top1 += torch.bincount(folder_targets[hit_top1], minlength=num_folder_classes)
         correct_topk += torch.bincount(folder_targets[hit_topk], minlength=num_folder_classes)
@@ -123,14 +122,9 @@ def evaluate(weights: str | Path | Runner, data: str | Path, *, model_name: str 
 
     total = int(seen.sum())
     if failed:
-        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-        if len(failed) > MAX_FAILED_FRACTION * len(dataset):
-            raise DataError(f"{len(failed)} of {len(dataset)} images under {folder} could not be read "
-                            f"(more than {MAX_FAILED_FRACTION:.0%}): {shown}")
-        log.warning("%d unreadable image(s) under %s left out of the evaluation: %s", len(failed), folder, shown)
-
-    def percent(count: int | torch.Tensor, out_of: int | torch.Tensor) -> float:
-        return 100.0 * float(count) / float(out_of) if float(out_of) else 0.0
+        check_unreadable(len(failed), len(dataset), folder, failed)
+        log.warning("%d unreadable image(s) under %s left out of the evaluation: %s", len(failed), folder,
+                    name_some(failed))
 
     return {
         "weights": runner.source,

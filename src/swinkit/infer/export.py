@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..files import atomic_write
+from ..metadata import META_CLASSES, META_DYNAMIC, META_VALIDATION, Preprocess, read_metadata
 from ..models.swin import SwinTransformer
-from ..weights.io import CheckpointError, atomic_write
+from ..weights.io import CheckpointError
 from .fast import FastSwin
-from .runner import META_CLASSES, Preprocess, read_metadata
 
 log = logging.getLogger("swinkit")
 
@@ -104,7 +105,7 @@ def export_onnx(model_or_weights: SwinTransformer | str | os.PathLike, out: str 
     if "hw" not in axes:
         log.warning("exporting %s with height and width fixed at %s (add 'hw' to dynamic for any size)",
                     source, "x".join(map(str, model.config.img_size)))
-    fast = FastSwin(model, use_onednn=False, split_qkv=True)  # plain ops: oneDNN calls do not export
+    fast = FastSwin(model, use_onednn=False)  # plain ops: oneDNN calls do not export
     fast.symbolic_sizes = True
     example = torch.randn(2 if "batch" in axes else 1, model.config.in_chans, *model.config.img_size)
     shapes: dict[int, torch.export.Dim] = {}
@@ -128,7 +129,7 @@ def export_onnx(model_or_weights: SwinTransformer | str | os.PathLike, out: str 
                               f"{str(error).splitlines()[0] if str(error) else ''}") from error
         proto = onnx.load(str(raw))
         metadata = onnx_metadata(model, checkpoint_metadata, source)
-        metadata["swinkit_dynamic"] = ",".join(axes)
+        metadata[META_DYNAMIC] = ",".join(axes)
         _set_metadata(proto, metadata)
         try:
             onnx.checker.check_model(proto)
@@ -145,7 +146,7 @@ def export_onnx(model_or_weights: SwinTransformer | str | os.PathLike, out: str 
             if worst > tolerance:
                 raise ExportError(f"ONNX Runtime output of {source} differs from PyTorch by {worst:.3g} "
                                   f"(> {tolerance:g}): {report}")
-            _set_metadata(proto, {"swinkit_validation": json.dumps(report)})
+            _set_metadata(proto, {META_VALIDATION: json.dumps(report)})
         atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return out
 

@@ -11,18 +11,15 @@ It has the attributes `evaluate` / `predict` use from a runner (`source`, `class
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..metadata import Preprocess, classes_from_metadata, config_from_metadata
 from ..models.registry import SwinConfig
 from ..weights.io import CheckpointError
-from .runner import Preprocess, classes_from_metadata
-
-META_CONFIG = "swinkit_config"
 
 
 def session_options(threads: int | None = None):
@@ -65,12 +62,7 @@ class OnnxRunner:
         self.source = str(path)
         self.session = create_session(path, threads=threads, providers=providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        config = None
-        if META_CONFIG in self.metadata:
-            try:
-                config = SwinConfig.from_dict(json.loads(self.metadata[META_CONFIG]))
-            except (ValueError, TypeError) as error:
-                raise CheckpointError(f"'{path}' has invalid {META_CONFIG} metadata: {error}") from None
+        config = config_from_metadata(self.metadata, source=str(path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.input_shape = list(inputs[0].shape)  # ints where fixed, names where dynamic

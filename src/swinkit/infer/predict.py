@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..data import load_image
-from .runner import Preprocess, Runner, load_runner, with_preprocess
+from ..metadata import Preprocess
+from .runner import Runner, load_runner, with_preprocess
 
 
 def _describe_error(error: BaseException) -> str:

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from ..data import ImageFolderDataset
+from ..files import atomic_write
+from ..metadata import META_QUANTIZATION
+from ..metrics import percent, topk_hits
 from ..models.swin import SwinTransformer
-from ..weights.io import atomic_write
 from .onnx_runner import OnnxRunner
 
 log = logging.getLogger("swinkit")
@@ -157,7 +159,7 @@ def quantize(weights_or_onnx: SwinTransformer | str | os.PathLike, calib_dir: st
             root.setLevel(level)
         proto = onnx.load(str(quantized))
         metadata = dict(runner.metadata)
-        metadata["swinkit_quantization"] = json.dumps({
+        metadata[META_QUANTIZATION] = json.dumps({
             "format": "QDQ", "weights": "int8 per-channel symmetric", "activations": "uint8 asymmetric",
             "calibration": {"method": method, "images": sum(len(b) for b in batches), "dir": str(calib_dir)},
             "reduce_range": reduce_range, "quantized_nodes": len(nodes), "float_head": bool(head)})
@@ -190,15 +192,16 @@ def compare_accuracy(fp32: str | os.PathLike | OnnxRunner, int8: str | os.PathLi
         labels = torch.tensor([label for _, label in samples])
         predictions = []
         for i, runner in enumerate(runners):
-            ranked = runner(batch).topk(k, dim=1).indices
-            top1[i] += int((ranked[:, 0] == labels).sum())
-            top5[i] += int((ranked == labels[:, None]).any(dim=1).sum())
-            predictions.append(ranked[:, 0])
+            logits = runner(batch)
+            hit_top1, hit_topk = topk_hits(logits, labels, k)
+            top1[i] += int(hit_top1.sum())
+            top5[i] += int(hit_topk.sum())
+            predictions.append(logits.argmax(dim=1))
         agree += int((predictions[0] == predictions[1]).sum())
     count = len(indices)
 
     def pct(value: int) -> float:
-        return round(100.0 * value / max(count, 1), 2)
+        return round(percent(value, count), 2)
     return {"images": count, "fp32_top1": pct(top1[0]), "int8_top1": pct(top1[1]),
             "fp32_top5": pct(top5[0]), "int8_top5": pct(top5[1]), "top5_k": k,
             "top1_loss": round(pct(top1[0]) - pct(top1[1]), 2), "top5_loss": round(pct(top5[0]) - pct(top5[1]), 2),

@@ -1,8 +1,16 @@
-"""Window attention for Swin v1 (relative-position bias table) and v2 (scaled cosine
-attention + log-spaced continuous position bias), and the constants they use.
+"""Window attention, written once for Swin v1 and v2, and the constants it uses.
 
-The constant builders are plain functions so the model, the checkpoint converters
-and the inference path share one definition of each.
+    scores = temperature * q' k'^T + bias (+ shift/padding mask)      q' = q, k' = k (v1)
+    out    = softmax(scores) v                                        q' = q/|q|, k' = k/|k| (v2)
+
+v1: temperature = head_dim ** -0.5 and bias from a learned relative-position table;
+v2 (scaled cosine attention): a learned per-head temperature exp(min(logit_scale, log 100))
+and bias = 16 * sigmoid(CPB MLP of log-spaced relative coordinates).
+
+`window_attention` is the one functional form (eval, training, the fast path and the ONNX
+export all run it; the memory-lean training kernel recomputes `attention_probs` in backward).
+The constant builders are plain functions so the model, the checkpoint converters and the
+inference path share one definition of each.
 """
 from __future__ import annotations
 
@@ -12,13 +20,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gemm import fast_linear
-from .lean import window_attention as lean_window_attention
-
 SHIFT_MASK_VALUE = -100.0  # the official value between tokens of different shifted regions
 PAD_MASK_VALUE = -10000.0  # padded keys: never attended, finite so no row becomes NaN (fp16-safe)
+LOG_MAX_TEMPERATURE = math.log(100.0)  # v2 clamps logit_scale here
 
 
+# ----------------------------------------------------------------------------------- the computation
+def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor, temperature, cosine: bool
+                    ) -> torch.Tensor:
+    """softmax(temperature * q' k'^T + attn_bias): `[B, num_windows, heads, N, N]`.
+
+    q, k: `[B, num_windows, heads, N, head_dim]`; attn_bias broadcasts to the scores
+    (`[num_windows or 1, heads, N, N]`: position bias plus mask); temperature: a float or `[heads, 1, 1]`.
+    The softmax runs in at least fp32 (bf16/fp16 inputs are promoted, the result cast back).
+    """
+    if cosine:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if torch.is_tensor(temperature):
+        temperature = temperature.to(q.dtype)
+    scores = torch.matmul(q * temperature, k.transpose(-2, -1))
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    return torch.softmax(scores.to(softmax_dtype) + attn_bias.to(softmax_dtype), dim=-1).to(q.dtype)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor, temperature,
+                     cosine: bool, dropout: float = 0.0) -> torch.Tensor:
+    """Attention inside windows: `[B, num_windows, heads, N, head_dim]` x3 -> same shape.
+    Plain batched matmuls: windows are tiny (N = 16..576) and the bias differs per window,
+    which fused attention kernels on CPU can only take materialised per image."""
+    probs = attention_probs(q, k, attn_bias, temperature, cosine)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return torch.matmul(probs, v)
+
+
+def split_heads(qkv: torch.Tensor, window: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv projection `[B, num_windows * N, 3C]` -> q, k, v `[B, num_windows, heads, N, head_dim]` (views)."""
+    batch, length, channels3 = qkv.shape
+    tokens = window * window
+    qkv = qkv.view(batch, length // tokens, tokens, 3, num_heads, channels3 // (3 * num_heads))
+    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """`[B, num_windows, heads, N, head_dim]` -> `[B, num_windows * N, heads * head_dim]`."""
+    batch, windows, heads, tokens, head_dim = x.shape
+    return x.permute(0, 1, 3, 2, 4).reshape(batch, windows * tokens, heads * head_dim)
+
+
+# ------------------------------------------------------------------------------------------ constants
 def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
     """Index into the `(2Wh-1)*(2Ww-1)` bias table for each token pair: `[N, N]`, N = Wh*Ww."""
     window_h, window_w = window
@@ -46,97 +96,111 @@ def relative_coords_table(window: tuple[int, int], pretrained_window: tuple[int,
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
-def window_attention_mask(height: int, width: int, real_height: int, real_width: int, window: int,
-                          shift: tuple[int, int], device=None) -> torch.Tensor | None:
-    """Additive mask for the windows of a (shifted, padded) `height x width` map: `[num_windows, N, N]`.
+def long_scalar(value, device) -> torch.Tensor:
+    """A 0-d long tensor of an int, a symbolic int (export: `torch.full` keeps it symbolic) or a tensor."""
+    if torch.is_tensor(value):
+        return value.to(device=device, dtype=torch.long)
+    return torch.full((), value, dtype=torch.long, device=device)
 
-    Tokens from different regions of the cyclic shift may not attend to each
-    other (the official rule), and padded keys (row >= real_height or col >=
-    real_width, before the shift) are never attended. Returns None when neither applies.
+
+def window_layout(height, width, window: int, shift, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each window slot's token comes from, and the attention mask, for a `height x width` map
+    in the window layout of `layers.to_windows(x, window, shift)`.
+
+    Returns (token `[num_windows * N]`: the row-major map index in each slot, -1 for padding;
+    mask `[num_windows, N, N]`: SHIFT_MASK_VALUE between tokens of different regions of the cyclic
+    shift (the official rule), PAD_MASK_VALUE for padded keys).
+    Sizes and shifts may be ints or 0-d tensors: built from aranges and broadcasting only, so an
+    export with dynamic height and width computes it in the graph without specialising a size.
     """
-    shift_h, shift_w = shift
-    padded = height != real_height or width != real_width
-    if not (shift_h or shift_w or padded):
+    windows_h, windows_w = (height + window - 1) // window, (width + window - 1) // window
+    padded_h, padded_w = long_scalar(windows_h * window, device), long_scalar(windows_w * window, device)
+    windows = torch.arange(windows_h * windows_w, device=device)[:, None]  # [num_windows, 1]
+    tokens = torch.arange(window * window, device=device)[None, :]         # [1, N]
+    windows_w = long_scalar(windows_w, device)
+    rolled_r = torch.div(windows, windows_w, rounding_mode="floor") * window + tokens // window  # [nW, N]
+    rolled_c = torch.remainder(windows, windows_w) * window + tokens % window
+    shift_h, shift_w = long_scalar(shift[0], device), long_scalar(shift[1], device)
+    source_r = torch.remainder(rolled_r + shift_h, padded_h)
+    source_c = torch.remainder(rolled_c + shift_w, padded_w)
+    height, width = long_scalar(height, device), long_scalar(width, device)
+    pad = (source_r >= height) | (source_c >= width)
+    token = torch.where(pad, -1, source_r * width + source_c)
+    # The official shift regions (0, 1, 2) along each axis of the rolled map; unshifted, the
+    # split falls on a window edge, which no window straddles.
+    region_r = (rolled_r >= padded_h - window).long() + (rolled_r >= padded_h - shift_h).long()
+    region_c = (rolled_c >= padded_w - window).long() + (rolled_c >= padded_w - shift_w).long()
+    region = region_r * 3 + region_c
+    mask = ((region[:, :, None] != region[:, None, :]).float() * SHIFT_MASK_VALUE
+            + pad[:, None, :].float() * PAD_MASK_VALUE)
+    return token.flatten(), mask
+
+
+def window_attention_mask(height: int, width: int, window: int, shift: tuple[int, int], device=None
+                          ) -> torch.Tensor | None:
+    """The additive mask `[num_windows, N, N]` of a `height x width` map (None: nothing to mask)."""
+    if not (shift[0] or shift[1] or height % window or width % window):
         return None
-    region = torch.zeros(height, width, device=device)
-    count = 0
-    for rows in _shift_slices(height, window, shift_h):
-        for cols in _shift_slices(width, window, shift_w):
-            region[rows, cols] = count
-            count += 1
-    is_pad = torch.zeros(height, width, device=device)
-    is_pad[real_height:, :] = 1.0
-    is_pad[:, real_width:] = 1.0
-    # The padding map is defined before the cyclic shift; move it where the shift puts it.
-    is_pad = torch.roll(is_pad, shifts=(-shift_h, -shift_w), dims=(0, 1))
-    region = window_tokens(region, window)  # [num_windows, N]
-    is_pad = window_tokens(is_pad, window)
-    mask = (region[:, :, None] != region[:, None, :]).float() * SHIFT_MASK_VALUE
-    return mask + is_pad[:, None, :] * PAD_MASK_VALUE
+    return window_layout(height, width, window, shift, device)[1]
 
 
-def _shift_slices(size: int, window: int, shift: int) -> list[slice]:
-    if shift == 0:
-        return [slice(0, size)]
-    return [slice(0, size - window), slice(size - window, size - shift), slice(size - shift, size)]
+# -------------------------------------------------------------------------------------------- modules
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside (shifted) windows; v1 and v2 differ in `relative_position_bias`,
+    `temperature` and the qkv bias. `[B, num_windows * N, C]` (+ mask `[num_windows, N, N]`) -> same shape."""
 
+    cosine = False
 
-def window_tokens(grid: torch.Tensor, window: int) -> torch.Tensor:
-    """`[H, W]` -> `[num_windows, window*window]` in `window_partition` order."""
-    height, width = grid.shape
-    grid = grid.view(height // window, window, width // window, window).permute(0, 2, 1, 3)
-    return grid.reshape(-1, window * window)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-           mask: torch.Tensor | None, dropout: float, scale: float | None) -> torch.Tensor:
-    """Attention inside windows with one additive term.
-
-    q, k, v: `[B * num_windows, heads, N, head_dim]`; bias: `[heads, N, N]`;
-    mask: `[num_windows, N, N]` or None. Returns `[B * num_windows, heads, N, head_dim]`.
-    The bias and mask are added once into `[num_windows, heads, N, N]` and broadcast
-    over the batch, so no per-image copy of them exists.
-    """
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=dropout, scale=scale)
-    num_windows = mask.shape[0]
-    batch_windows, heads, tokens, head_dim = q.shape
-    shape = (batch_windows // num_windows, num_windows, heads, tokens, head_dim)
-    out = F.scaled_dot_product_attention(q.view(shape), k.view(shape), v.view(shape),
-                                         attn_mask=bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype),
-                                         dropout_p=dropout, scale=scale)
-    return out.view(batch_windows, heads, tokens, head_dim)
-
-
-def _use_lean(module: nn.Module) -> bool:
-    """Use the memory-lean training kernel: autograd is recording (or block recomputation runs the
-    forward it will repeat, which must compute the same numbers) and no attention dropout is asked for."""
-    return (module.lean and (torch.is_grad_enabled() or module.recompute_forward)
-            and not (module.training and module.attn_drop > 0))
-
-
-class WindowAttentionV1(nn.Module):
-    """Swin v1 multi-head self-attention inside windows with a learned relative-position bias table.
-
-    `[B * num_windows, N, C]` (+ mask `[num_windows, N, N]`) -> `[B * num_windows, N, C]`.
-    """
-
-    def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, window: int, attn_drop: float, proj_drop: float):
         super().__init__()
         self.num_heads = num_heads
         self.window = window
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
-        self.lean = True  # memory-lean autograd in training (see models/lean.py)
-        self.keep_probs = False  # lean kernel also stores the probabilities (block recomputation sets it)
-        self.recompute_forward = False  # lean kernel without autograd (block recomputation sets it)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.attend(self.project_qkv(x), self.attention_bias(mask))))
+
+    def attention_bias(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """Position bias plus mask, `[num_windows or 1, heads, N, N]` (no batch dimension)."""
+        bias = self.relative_position_bias().unsqueeze(0)
+        return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
+
+    def attend(self, qkv: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        """qkv projection `[B, num_windows * N, 3C]` -> attention output `[B, num_windows * N, C]`."""
+        q, k, v = split_heads(qkv, self.window, self.num_heads)
+        dropout = self.attn_drop if self.training else 0.0
+        return merge_heads(window_attention(q, k, v, attn_bias, self.temperature(), self.cosine, dropout))
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, L, C]` -> `[B, L, 3C]`."""
+        return F.linear(x, self.qkv.weight, self.qkv_bias())
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def relative_position_bias(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def temperature(self):
+        raise NotImplementedError
+
+
+class WindowAttentionV1(WindowAttention):
+    """Swin v1: dot-product attention scaled by head_dim ** -0.5, bias from a learned table."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, window, attn_drop, proj_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index((window, window)).flatten(),
                              persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        return self.qkv.bias
 
     def relative_position_bias(self) -> torch.Tensor:
         """`[heads, N, N]`."""
@@ -144,41 +208,20 @@ class WindowAttentionV1(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index]
         return bias.view(tokens, tokens, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch_windows, tokens, channels = x.shape
-        qkv = fast_linear(x, self.qkv.weight, self.qkv.bias)
-        qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
-        if _use_lean(self):
-            out = lean_window_attention(qkv, self.relative_position_bias(), mask, None, self.head_dim ** -0.5,
-                                        self.keep_probs)
-            return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.attn_drop if self.training else 0.0
-        out = attend(q, k, v, self.relative_position_bias().to(q.dtype), mask, dropout, scale=None)
-        out = out.transpose(1, 2).reshape(batch_windows, tokens, channels)
-        return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
+    def temperature(self) -> float:
+        return self.head_dim ** -0.5
 
 
-class WindowAttentionV2(nn.Module):
-    """Swin v2 scaled cosine attention inside windows with a log-spaced continuous position bias.
+class WindowAttentionV2(WindowAttention):
+    """Swin v2: scaled cosine attention with a learned per-head temperature and a log-spaced
+    continuous position bias (CPB MLP) squashed to (0, 16); q and v have biases, k has none."""
 
-    q and k are L2-normalised, their dot product is multiplied by a learned per-head
-    temperature `exp(min(logit_scale, log 100))`, and a small MLP maps relative
-    coordinates to a bias squashed to (0, 16). q and v have biases, k has none.
-    `[B * num_windows, N, C]` (+ mask `[num_windows, N, N]`) -> `[B * num_windows, N, C]`.
-    """
+    cosine = True
 
     def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pretrained_window: int = 0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.window = window
+        super().__init__(dim, num_heads, window, attn_drop, proj_drop)
         self.pretrained_window = pretrained_window
-        self.head_dim = dim // num_heads
-        self.attn_drop = attn_drop
-        self.lean = True  # memory-lean autograd in training (see models/lean.py)
-        self.keep_probs = False  # lean kernel also stores the probabilities (block recomputation sets it)
-        self.recompute_forward = False  # lean kernel without autograd (block recomputation sets it)
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
@@ -188,13 +231,16 @@ class WindowAttentionV2(nn.Module):
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = self.v_bias = None
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer("relative_coords_table",
                              relative_coords_table((window, window), (pretrained_window, pretrained_window)),
                              persistent=False)
         self.register_buffer("relative_position_index", relative_position_index((window, window)).flatten(),
                              persistent=False)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
 
     def relative_position_bias(self) -> torch.Tensor:
         """`[heads, N, N]`, values in (0, 16)."""
@@ -203,27 +249,6 @@ class WindowAttentionV2(nn.Module):
         bias = table[self.relative_position_index].view(tokens, tokens, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
 
-    def logit_scale_value(self) -> torch.Tensor:
+    def temperature(self) -> torch.Tensor:
         """Per-head temperature `[heads, 1, 1]`."""
-        return torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch_windows, tokens, channels = x.shape
-        qkv_bias = None
-        if self.q_bias is not None:
-            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = fast_linear(x, self.qkv.weight, qkv_bias)
-        qkv = qkv.view(batch_windows, tokens, 3, self.num_heads, self.head_dim)
-        if _use_lean(self):
-            out = lean_window_attention(qkv, self.relative_position_bias(), mask, self.logit_scale, 1.0,
-                                        self.keep_probs)
-            return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
-        qkv = qkv.permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        # Cosine similarity times a per-head temperature: fold the temperature into q.
-        q = F.normalize(q, dim=-1) * self.logit_scale_value().to(q.dtype)
-        k = F.normalize(k, dim=-1)
-        dropout = self.attn_drop if self.training else 0.0
-        out = attend(q, k, v, self.relative_position_bias().to(q.dtype), mask, dropout, scale=1.0)
-        out = out.transpose(1, 2).reshape(batch_windows, tokens, channels)
-        return self.proj_drop(fast_linear(out, self.proj.weight, self.proj.bias))
+        return torch.clamp(self.logit_scale, max=LOG_MAX_TEMPERATURE).exp()

@@ -1,7 +1,8 @@
 """Building blocks shared by Swin v1 and v2: patch embedding, patch merging, MLP,
-drop path and the window partition / reverse helpers.
+drop path, and the window layout (pad, cyclic shift, partition into windows and back).
 
-All feature maps are channels-last: `[B, H, W, C]`.
+Feature maps are channels-last `[B, H, W, C]`; blocks see tokens in *window layout*
+`[B, num_windows * N, C]` (N = window * window tokens per window, windows in row-major order).
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch.utils.checkpoint import checkpoint
 
-from .gemm import fast_linear, tracing
-from .lean import norm_linear
+def tracing() -> bool:
+    """A tracer, compiler or exporter is running the model (caches and eager-only kernels stay off)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+            or torch.onnx.is_in_onnx_export())
 
 
 def pad_to_multiple(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
@@ -25,18 +28,28 @@ def pad_to_multiple(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.
     return x
 
 
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """`[B, H, W, C]` (H, W multiples of `window`) -> `[B * num_windows, window * window, C]`."""
+def to_windows(x: torch.Tensor, window: int, shift: tuple[int, int]) -> torch.Tensor:
+    """Map `[B, H, W, C]` -> window layout `[B, num_windows * N, C]`: zero-pad bottom/right to a
+    multiple of the window, roll by `-shift`, cut into windows (row-major windows, row-major tokens)."""
+    x = pad_to_multiple(x, window, window)
     batch, height, width, channels = x.shape
+    if shift[0] or shift[1]:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     x = x.view(batch, height // window, window, width // window, window, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, channels)
 
 
-def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
-    """`[B * num_windows, window * window, C]` -> `[B, H, W, C]`; inverse of `window_partition`."""
-    channels = windows.shape[-1]
-    x = windows.view(-1, height // window, width // window, window, window, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
+def from_windows(x: torch.Tensor, window: int, shift: tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """Inverse of `to_windows`: window layout -> map `[B, height, width, C]` (padding cropped)."""
+    batch, _, channels = x.shape
+    padded_h, padded_w = -(-height // window) * window, -(-width // window) * window
+    x = x.view(batch, padded_h // window, padded_w // window, window, window, channels)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, padded_h, padded_w, channels)
+    if shift[0] or shift[1]:
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    if padded_h != height or padded_w != width:
+        x = x[:, :height, :width, :].contiguous()
+    return x
 
 
 def drop_path_mask(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor | None:
@@ -49,21 +62,18 @@ def drop_path_mask(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor
     return mask.div_(keep)
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability `rate`.
-    `mask` (from `drop_path_mask`) replays an earlier draw instead of drawing."""
-    if mask is None:
-        mask = drop_path_mask(x, rate, training)
-    return x if mask is None else x * mask.to(x.dtype)
-
-
 class DropPath(nn.Module):
+    """Stochastic depth: zero whole samples of a residual branch with probability `rate`.
+    `mask` (from `new_mask`) replays an earlier draw instead of drawing."""
+
     def __init__(self, rate: float = 0.0):
         super().__init__()
         self.rate = rate
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return drop_path(x, self.rate, self.training, mask)
+        if mask is None:
+            mask = self.new_mask(x)
+        return x if mask is None else x * mask.to(x.dtype)
 
     def new_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         return drop_path_mask(x, self.rate, self.training)
@@ -83,8 +93,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.drop(self.act(fast_linear(x, self.fc1.weight, self.fc1.bias)))
-        return self.drop(fast_linear(hidden, self.fc2.weight, self.fc2.bias))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class PatchEmbed(nn.Module):
@@ -98,29 +107,25 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
-        # Training keeps only the image for backward and recomputes projection + norm there (a
-        # ~0.3% FLOP overhead for Swin-T; it runs last in backward, when little else is held).
-        self.lean = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean and self.training and torch.is_grad_enabled() and not tracing():
-            return checkpoint(self._embed, x, use_reentrant=False)
-        return self._embed(x)
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
-        pad_h, pad_w = (p - x.shape[2] % p) % p, (p - x.shape[3] % p) % p
-        if pad_h or pad_w:
+        pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
+        if tracing() or pad_h or pad_w:  # an export with dynamic sizes cannot branch on them
             x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+# The order patch merging concatenates a 2x2 neighbourhood in (official): TL, BL, TR, BR as (row, col).
+MERGE_OFFSETS = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 
 class PatchMerging(nn.Module):
     """Halve the resolution, double the channels: `[B, H, W, C]` -> `[B, ceil(H/2), ceil(W/2), 2C]`.
 
-    Each output token concatenates the 2x2 neighbourhood in the official order
-    (top-left, bottom-left, top-right, bottom-right). v1 normalises the 4C
-    concatenation before the reduction; v2 normalises the 2C result after it.
+    Each output token concatenates its 2x2 neighbourhood in `MERGE_OFFSETS` order (odd maps are
+    zero-padded to even first); `reduce` then maps 4C -> 2C: v1 normalises the 4C concatenation
+    before the reduction, v2 normalises the 2C result after it.
     """
 
     def __init__(self, dim: int, version: int):
@@ -128,14 +133,15 @@ class PatchMerging(nn.Module):
         self.version = version
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim if version == 1 else 2 * dim)
-        self.lean = True  # v1 training: keep the 2x2 gather only, rebuild its norm in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, 2, 2)
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduce(x)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., 4C]` (gathered neighbourhoods) -> `[..., 2C]`."""
         if self.version == 1:
-            if self.lean and torch.is_grad_enabled() and not tracing():
-                return norm_linear(x, self.norm, self.reduction.weight)
-            return fast_linear(self.norm(x), self.reduction.weight)
-        return self.norm(fast_linear(x, self.reduction.weight))
+            return self.reduction(self.norm(x))
+        return self.norm(self.reduction(x))

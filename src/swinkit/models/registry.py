@@ -11,6 +11,13 @@ import fnmatch
 from dataclasses import dataclass
 
 
+def shift_size(size, window: int):
+    """THE shift rule: the odd blocks of a stage shift by window // 2 along an axis where the
+    (unpadded) map is larger than the window, else 0. `size` may be an int or a 0-d tensor
+    (an ONNX export computes it from the input's shape); the result is of the same kind."""
+    return (size > window) * (window // 2)
+
+
 class UnknownModelError(ValueError):
     """A model name that is not in the registry."""
 
@@ -97,12 +104,10 @@ class SwinConfig:
                            else self.window_size)
         return windows
 
-    def stage_shifts(self) -> list[int]:
-        """Shift of the odd blocks of each stage: window // 2, or 0 where the stage fits one window."""
-        shifts = []
-        for (height, width), window in zip(self.stage_resolutions(), self.stage_windows()):
-            shifts.append(0 if min(height, width) <= self.window_size else window // 2)
-        return shifts
+    def stage_shifts(self, img_size: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """(rows, cols) shift of the odd blocks of each stage at `img_size` (see `shift_size`)."""
+        return [(shift_size(height, window), shift_size(width, window))
+                for (height, width), window in zip(self.stage_resolutions(img_size), self.stage_windows())]
 
     def replace(self, **changes) -> "SwinConfig":
         return dataclasses.replace(self, **changes)
@@ -201,5 +206,5 @@ def name_for_config(config: SwinConfig) -> str | None:
     return None
 
 
-__all__ = ["SwinConfig", "MODELS", "STANDARD_MODELS", "UnknownModelError", "list_models", "get_config",
+__all__ = ["SwinConfig", "shift_size", "MODELS", "STANDARD_MODELS", "UnknownModelError", "list_models", "get_config",
            "name_for_config"]

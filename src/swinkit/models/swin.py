@@ -2,7 +2,8 @@
 
     image [B, C_in, H, W]
       -> PatchEmbed            [B, H/p, W/p, C]
-      -> stage 0..S-1          each: (PatchMerging if i > 0) + blocks, [B, H_i, W_i, C_i]
+      -> stage 0..S-1          each: (PatchMerging if i > 0) + blocks, [B, H_i, W_i, C_i];
+                               a block sees its map in window layout [B, num_windows * N, C]
       -> LayerNorm             [B, H_S, W_S, C_S]
       -> ClassifierHead        mean over H, W -> Linear -> [B, num_classes]
 
@@ -12,10 +13,15 @@ v1 and v2 differ only in the block (pre-norm + bias table vs. residual post-norm
 Padding rule (any input size works):
   1. the image is zero-padded bottom/right to a multiple of the patch size;
   2. patch merging zero-pads odd feature maps to even;
-  3. before attention each block zero-pads its map bottom/right to a multiple of
-     the stage window; padded tokens are masked as keys and cropped afterwards;
+  3. each block zero-pads its map bottom/right to a multiple of the stage window
+     (`layers.to_windows`); padded tokens are masked as keys and cropped afterwards;
   4. the odd blocks of a stage shift by window // 2 along a dimension only where
-     the (unpadded) map is larger than the window in that dimension.
+     the (unpadded) map is larger than the window in that dimension (`registry.shift_size`,
+     the one rule the fast path, the ONNX export and the official layout's masks also use).
+
+This module says WHAT is computed, once. How it runs is applied from outside: memory-lean
+training and recomputation by `swinkit.train.lean`, the frozen fast path and ONNX export by
+`swinkit.infer.fast`; `set_grad_checkpointing` is the one switch the model carries (as timm's).
 Windows are fixed at build time from `config.img_size` as in the official code:
 a stage whose resolution there is <= the window uses its resolution as the window.
 """
@@ -24,23 +30,22 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2, window_attention_mask
-from .gemm import fast_linear, linear_grads, tracing
-from .lean import mlp_branch
-from .recompute import recompute_block
-from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, pad_to_multiple, window_partition, window_reverse
-from .registry import SwinConfig
+from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, from_windows, to_windows, tracing
+from .registry import SwinConfig, shift_size
 
 
 class SwinBlock(nn.Module):
-    """One (optionally shifted) window-attention block plus MLP. `[B, H, W, C]` -> `[B, H, W, C]`.
+    """One (optionally shifted) window-attention block plus MLP, on tokens in window layout:
+    `[B, num_windows * N, C]` (+ mask `[num_windows, N, N]`) -> same shape and layout.
 
     v1: x + attn(norm1(x)), then x + mlp(norm2(x))   (pre-norm)
     v2: x + norm1(attn(x)), then x + norm2(mlp(x))   (residual post-norm)
+
+    `drop_masks` replays drop-path masks drawn earlier by `drop_path_masks` (None: draw here).
     """
 
     def __init__(self, dim: int, num_heads: int, window: int, version: int, mlp_ratio: float = 4.0,
@@ -49,10 +54,6 @@ class SwinBlock(nn.Module):
         super().__init__()
         self.version = version
         self.window = window
-        # What backward recomputes instead of storing: "none"; "selective" (the attention branch:
-        # norm, qkv, attention, projection; the MLP keeps its matmul output); "full" (the whole block).
-        self.recompute = "none"
-        self.lean = True  # memory-lean autograd in training (see models/lean.py)
         self.norm1 = nn.LayerNorm(dim)
         if version == 1:
             self.attn = WindowAttentionV1(dim, num_heads, window, qkv_bias, attn_drop, drop)
@@ -63,96 +64,36 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path2 = DropPath(drop_path)
 
-    def _window_attention(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
-        """Pad, cyclic-shift, attend within windows, undo both. `[B, H, W, C]` -> `[B, H, W, C]`."""
-        _, height, width, _ = x.shape
-        x = pad_to_multiple(x, self.window, self.window)
-        padded_h, padded_w = x.shape[1:3]
-        if shift[0] or shift[1]:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        x = window_reverse(self.attn(window_partition(x, self.window), mask), self.window, padded_h, padded_w)
-        if shift[0] or shift[1]:
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        if padded_h != height or padded_w != width:
-            x = x[:, :height, :width, :].contiguous()
-        return x
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_masks: tuple = (None, None)
+                ) -> torch.Tensor:
+        x = x + self.drop_path1(self.attention_branch(x, mask), drop_masks[0])
+        return x + self.drop_path2(self.mlp_branch(x), drop_masks[1])
 
-    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean and torch.is_grad_enabled() and not (self.training and self.mlp.drop.p > 0):
-            return mlp_branch(x, self.norm2, self.mlp, pre_norm=self.version == 1)
-        return self.mlp(self.norm2(x)) if self.version == 1 else self.norm2(self.mlp(x))
-
-    def _attention_branch(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
+    def attention_branch(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.version == 1:
-            return self._window_attention(self.norm1(x), shift, mask)
-        return self.norm1(self._window_attention(x, shift, mask))
+            return self.attn(self.norm1(x), mask)
+        return self.norm1(self.attn(x, mask))
 
-    def forward_parts(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None,
-                      keep: tuple = (None, None), recompute_attention: bool = False) -> torch.Tensor:
-        """The block; `keep` replays drop-path masks drawn by `drop_path_masks` (None: draw here)."""
-        if recompute_attention:
-            branch = checkpoint(self._attention_branch, x, shift, mask, use_reentrant=False)
-        else:
-            branch = self._attention_branch(x, shift, mask)
-        x = x + self.drop_path1(branch, keep[0])
-        return x + self.drop_path2(self._mlp_branch(x), keep[1])
-
-    def forward_without_grad(self, x: torch.Tensor, shift, mask, keep) -> torch.Tensor:
-        """For `models.recompute`: the forward pass that backward will repeat, autograd off, with the
-        kernels the repetition uses, so the output equals the recomputed one bit for bit."""
-        self.attn.recompute_forward = True
-        try:
-            with torch.no_grad():
-                return self.forward_parts(x, shift, mask, keep)
-        finally:
-            self.attn.recompute_forward = False
-
-    def has_dropout(self) -> bool:
-        """Elementwise dropout anywhere in the block (attention, projection or MLP)."""
-        return self.attn.attn_drop > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.version == 1:
+            return self.mlp(self.norm2(x))
+        return self.norm2(self.mlp(x))
 
     def drop_path_masks(self, x: torch.Tensor) -> tuple:
         """Both residual branches' drop-path masks for a batch like `x`, drawn in forward's order."""
         return self.drop_path1.new_mask(x), self.drop_path2.new_mask(x)
 
-    def recompute_for_backward(self, x: torch.Tensor, shift, mask, keep, grad_out: torch.Tensor):
-        """For `models.recompute`: rebuild what backward needs from the block input `x` (autograd
-        recording) and return (outputs, their gradients, parameter gradients computed directly).
-
-        v1 stops before fc2: its output only feeds the residual sum, so backward needs fc2's input
-        and weight, not its output; fc2's gradients are formed here. v2 normalises fc2's output and
-        so recomputes the whole block."""
-        self.attn.keep_probs = True  # the slice is small: store the probabilities, not a third softmax
-        try:
-            if self.version != 1:
-                return (self.forward_parts(x, shift, mask, keep),), (grad_out,), {}
-            x1 = x + self.drop_path1(self._attention_branch(x, shift, mask), keep[0])
-        finally:
-            self.attn.keep_probs = False
-        hidden = F.gelu(fast_linear(self.norm2(x1), self.mlp.fc1.weight, self.mlp.fc1.bias))
-        grad_branch = grad_out if keep[1] is None else grad_out * keep[1].to(grad_out.dtype)
-        fc2 = self.mlp.fc2
-        grad_hidden, grad_w2, grad_b2 = linear_grads(grad_branch.to(hidden.dtype), hidden.detach(),
-                                                     fc2.weight.to(hidden.dtype))
-        direct = {id(fc2.weight): grad_w2.to(fc2.weight.dtype), id(fc2.bias): grad_b2.to(fc2.bias.dtype)}
-        return (x1, hidden), (grad_out, grad_hidden), direct
-
-    def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0),
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.recompute == "none" or not torch.is_grad_enabled():
-            return self.forward_parts(x, shift, mask)
-        if self.recompute == "full":
-            if self.training and self.has_dropout():  # elementwise masks cannot be re-drawn per slice: recompute the whole batch
-                return checkpoint(self.forward_parts, x, shift, mask, use_reentrant=False)
-            return recompute_block(self, x, shift, mask)
-        return self.forward_parts(x, shift, mask, recompute_attention=True)  # "selective"
+    def has_dropout(self) -> bool:
+        """Elementwise dropout anywhere in the block (attention, projection or MLP)."""
+        return self.attn.attn_drop > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0
 
 
 class SwinStage(nn.Module):
     """Optional patch merging, then `depth` blocks alternating plain and shifted windows.
 
-    `[B, H, W, C_in]` -> `[B, H', W', C_out]`. Attention masks depend only on the
-    feature-map size, so they are built once per size and cached.
+    `[B, H, W, C_in]` -> `[B, H', W', C_out]`. Each block sees the map in its window layout
+    (`layers.to_windows`: padded, rolled by its shift, cut into windows); masks depend only on the
+    map size, so they are built once per size and cached.
     """
 
     def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, window: int, version: int,
@@ -160,37 +101,42 @@ class SwinStage(nn.Module):
                  drop_path: list[float], pretrained_window: int = 0):
         super().__init__()
         self.window = window
+        self.grad_checkpointing = False
         self.downsample = PatchMerging(dim, version) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(
             SwinBlock(out_dim, num_heads, window, version, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i],
                       pretrained_window)
             for i in range(depth))
-        self._mask_cache: dict[tuple, tuple] = {}
+        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
 
-    def shifts_and_masks(self, height: int, width: int, device: torch.device):
-        """((shift, mask) for plain blocks, (shift, mask) for shifted blocks) at this map size."""
-        key = (height, width, device)
-        cached = self._mask_cache.get(key)
-        if cached is not None:
-            return cached
-        window = self.window
-        padded_h, padded_w = math.ceil(height / window) * window, math.ceil(width / window) * window
-        shift = (window // 2 if height > window else 0, window // 2 if width > window else 0)
-        plain = ((0, 0), window_attention_mask(padded_h, padded_w, height, width, window, (0, 0), device))
-        shifted = (shift, window_attention_mask(padded_h, padded_w, height, width, window, shift, device))
-        result = (plain, shifted)
-        if not tracing():
-            if len(self._mask_cache) >= 8:
+    def block_shifts(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The shift of each block at this map size: none for even blocks, `shift_size` for odd ones."""
+        shift = (shift_size(height, self.window), shift_size(width, self.window))
+        return [shift if i % 2 else (0, 0) for i in range(len(self.blocks))]
+
+    def attention_mask(self, height: int, width: int, shift: tuple[int, int], device) -> torch.Tensor | None:
+        """`[num_windows, N, N]` shift/padding mask of a block at this map size (cached), or None."""
+        key = (height, width, shift, device)
+        if key not in self._mask_cache:
+            mask = window_attention_mask(height, width, self.window, shift, device)
+            if tracing():
+                return mask
+            if len(self._mask_cache) >= 16:
                 self._mask_cache.pop(next(iter(self._mask_cache)))
-            self._mask_cache[key] = result
-        return result
+            self._mask_cache[key] = mask
+        return self._mask_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        plain, shifted = self.shifts_and_masks(x.shape[1], x.shape[2], x.device)
-        for i, block in enumerate(self.blocks):
-            shift, mask = shifted if i % 2 else plain
-            x = block(x, shift, mask)
+        height, width = x.shape[1], x.shape[2]
+        for block, shift in zip(self.blocks, self.block_shifts(height, width)):
+            mask = self.attention_mask(height, width, shift, x.device)
+            tokens = to_windows(x, self.window, shift)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, mask)
+            x = from_windows(tokens, self.window, shift, height, width)
         return x
 
     def _apply(self, fn, *args, **kwargs):
@@ -293,33 +239,10 @@ class SwinTransformer(nn.Module):
 
     # ------------------------------------------------------------ utilities
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block in backward instead of storing its activations."""
-        self.set_recompute("full" if enable else "none")
-
-    RECOMPUTE_MODES = ("none", "selective", "full")
-
-    def set_recompute(self, plan: str | list[str]) -> None:
-        """What each block recomputes in backward: one mode for all blocks or a list, one per block
-        (modes: "none", "selective" = the attention branch, "full" = the whole block)."""
-        blocks = self.blocks()
-        modes = [plan] * len(blocks) if isinstance(plan, str) else list(plan)
-        if len(modes) != len(blocks) or any(m not in self.RECOMPUTE_MODES for m in modes):
-            raise ValueError(f"recompute plan must be one of {self.RECOMPUTE_MODES} or a list of "
-                             f"{len(blocks)} of them, got {plan!r}")
-        for block, mode in zip(blocks, modes):
-            block.recompute = mode
-
-    def recompute_plan(self) -> list[str]:
-        return [block.recompute for block in self.blocks()]
-
-    def set_lean_training(self, enable: bool = True) -> None:
-        """Use the memory-lean autograd kernels of `models/lean.py` (default) or plain autograd."""
-        for block in self.blocks():
-            block.lean = block.attn.lean = enable
-        self.patch_embed.lean = enable
+        """Recompute every block in backward instead of storing its activations (torch.utils.checkpoint,
+        as timm). `swinkit.train.lean` offers finer, sliced recomputation for training."""
         for stage in self.layers:
-            if isinstance(stage.downsample, PatchMerging):
-                stage.downsample.lean = enable
+            stage.grad_checkpointing = enable
 
     def blocks(self) -> list[SwinBlock]:
         return [block for stage in self.layers for block in stage.blocks]
@@ -340,43 +263,45 @@ class SwinTransformer(nn.Module):
 
     def flops(self, img_size: int | tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one forward pass (the official count: GMACs reported as 'FLOPs').
-
-        Swin-T at 224 gives 4.5e9. Constant position-bias work (v2's CPB MLP) is excluded,
-        as it is precomputable; padding is included.
-        """
-        config = self.config
-        if img_size is None:
-            img_size = config.img_size
-        if isinstance(img_size, int):
-            img_size = (img_size, img_size)
-        resolutions = config.stage_resolutions(img_size)
-        height, width = resolutions[0]
-        macs = height * width * config.embed_dim * config.in_chans * config.patch_size ** 2
-        if config.patch_norm:
-            macs += height * width * config.embed_dim
-        dim = config.embed_dim
-        for i, stage in enumerate(self.layers):
-            if i > 0:
-                prev_h, prev_w = resolutions[i - 1]
-                macs += prev_h * prev_w * dim  # norm of merging, as the official count
-                dim *= 2
-                height, width = resolutions[i]
-                macs += height * width * (2 * dim) * dim
-            height, width = resolutions[i]
-            window = stage.window
-            padded = math.ceil(height / window) * math.ceil(width / window)
-            tokens = window * window
-            heads = stage.blocks[0].attn.num_heads
-            for _ in stage.blocks:
-                macs += 2 * height * width * dim  # two norms
-                attn = tokens * dim * 3 * dim + 2 * heads * tokens * tokens * (dim // heads) + tokens * dim * dim
-                macs += padded * attn
-                macs += 2 * height * width * dim * int(dim * config.mlp_ratio)
-        height, width = resolutions[-1]
-        macs += height * width * self.num_features
-        if self.num_classes > 0:
-            macs += self.num_features * self.num_classes
-        return int(macs)
+        Swin-T at 224 gives 4.5e9. See `macs`."""
+        counts = macs(self.config, img_size)
+        return counts["other"] + sum(attention + mlp for attention, mlp in counts["blocks"])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def macs(config: SwinConfig, img_size: int | tuple[int, int] | None = None) -> dict:
+    """THE operation count of a forward pass, in multiply-accumulates per image:
+    {"blocks": [(attention branch, MLP branch) per block], "other": embedding, merging, norm, head}.
+
+    An attention branch counts its norm, the qkv and output projections and the two attention
+    matmuls over padded windows; an MLP branch its norm and two linears. Constant position-bias
+    work (v2's CPB MLP) is excluded, as it is precomputable; padding is included.
+    """
+    img_size = config.img_size if img_size is None else img_size
+    img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    resolutions = config.stage_resolutions(img_size)
+    height, width = resolutions[0]
+    other = height * width * config.embed_dim * config.in_chans * config.patch_size ** 2
+    if config.patch_norm:
+        other += height * width * config.embed_dim
+    blocks = []
+    for i, (dim, depth, heads, window) in enumerate(zip(config.stage_dims(), config.depths, config.num_heads,
+                                                        config.stage_windows())):
+        if i > 0:
+            prev_h, prev_w = resolutions[i - 1]
+            height, width = resolutions[i]
+            other += prev_h * prev_w * (dim // 2) + height * width * (2 * dim) * dim  # merging: norm, reduction
+        height, width = resolutions[i]
+        windows = math.ceil(height / window) * math.ceil(width / window)
+        tokens = window * window
+        attention = (windows * (tokens * dim * 3 * dim + 2 * heads * tokens * tokens * (dim // heads)
+                                + tokens * dim * dim) + height * width * dim)
+        mlp = 2 * height * width * dim * int(dim * config.mlp_ratio) + height * width * dim
+        blocks += [(attention, mlp)] * depth
+    height, width = resolutions[-1]
+    other += height * width * config.num_features
+    if config.num_classes > 0:
+        other += config.num_features * config.num_classes
+    return {"blocks": blocks, "other": other}

@@ -6,7 +6,9 @@
     model, optimizer, scheduler, scaler, ema     state dicts (scaler / ema may be None)
     rng                                          one entry per rank: python, numpy, torch CPU, CUDA
     position                                     {epoch, micro_step (consumed in that epoch), global_step}
-    best                                         {top1, epoch, step}
+    best                                         {top1, epoch, step, weights}
+    running                                      one entry per rank: the loss totals since the last log
+                                                 and over the epoch (`trainer.RunningTotals`)
     world_size, global_batch, config
 """
 from __future__ import annotations
@@ -19,22 +21,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..weights.io import CheckpointError, torch_save_atomic
+from ..files import torch_save_atomic
+from ..weights.io import CheckpointError
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: `running` holds RunningTotals state dicts
 
 
 def capture_rng() -> dict:
     """The RNG state of this process (python, numpy, torch CPU, every CUDA device)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
+    return {
         "python": random.getstate(),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    return state
 
 
 def restore_rng(state: dict) -> None:
@@ -88,6 +90,9 @@ def load_train_state(path: str | Path) -> dict:
     except Exception as error:  # truncated file, foreign pickle, ...
         raise CheckpointError(f"'{path}' cannot be resumed from: {type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}") from error
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "position" not in state:
-        raise CheckpointError(f"'{path}' is not a swinkit training checkpoint (version {CHECKPOINT_VERSION})")
+    if not isinstance(state, dict) or "position" not in state:
+        raise CheckpointError(f"'{path}' is not a swinkit training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"'{path}' is a version {state.get('version')} training checkpoint; this swinkit "
+                              f"resumes version {CHECKPOINT_VERSION} only")
     return state

@@ -5,7 +5,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .config import PRECISIONS, load_config, save_config
+from ..precision import PRECISIONS
+from .config import load_config, save_config
 
 # flag dest -> dotted config key
 _FLAG_KEYS = {
@@ -33,7 +34,10 @@ def config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args) -> int:
     from . import distributed
+    from .lean.allocator import enable_huge_pages
     from .trainer import train
+
+    enable_huge_pages()  # a process setting of training's own, made before the first tensor exists
 
     config = config_from_args(args)
     if config.train.nproc > 1 and not distributed.launched_by_torchrun():

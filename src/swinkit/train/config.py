@@ -21,10 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from ..data.errors import MAX_BAD_FRACTION
+from ..data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION
+from ..files import atomic_write
 from ..models.registry import SwinConfig
-from ..weights.io import atomic_write
-
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+from ..precision import PRECISIONS
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -58,9 +59,9 @@ class DataSection:
     cache: bool = False  # decode each split once into memory (uint8); batch-level crop/flip augmentation
     mean: list[float] | None = None  # default: the model config's
     std: list[float] | None = None
-    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre crop
-    interpolation: str = "bicubic"
-    max_bad_fraction: float = 0.01  # abort when more unreadable images than this
+    crop_pct: float = OFFICIAL_CROP_PCT  # eval: resize to img_size / crop_pct, centre crop
+    interpolation: str = OFFICIAL_INTERPOLATION
+    max_bad_fraction: float = MAX_BAD_FRACTION  # abort when more unreadable images than this
 
 
 @dataclass
@@ -342,12 +343,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'data.crop_pct' must be in (0, 1], got {config.data.crop_pct}")
     if not 0 <= config.data.max_bad_fraction < 1:
         raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1), got {config.data.max_bad_fraction}")
-
-
-def config_from_dict(tree: dict) -> TrainConfig:
-    """Rebuild a config written by `save_config` (e.g. from a checkpoint)."""
-    config = apply_mapping(TrainConfig(), tree, "saved config")
-    return config
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:

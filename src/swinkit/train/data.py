@@ -13,13 +13,19 @@ Why it is built this way (exact resume, DDP equivalence):
 - `CachedSplit` decodes a split once (`data.cache`) into `[N, C, H, W]` uint8; a training
   batch is then a tensor gather plus a random crop of the zero-padded image and a flip,
   both drawn from a hash of `(seed, epoch, index)`.
+
+`build_training_data(config, ...)` puts these together for the trainer; `UnreadableImages`
+counts the files an image folder could not decode, over all ranks.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +34,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from ..data import DataError, ImageFolderDataset
+from ..data import (DataError, ImageFolderDataset, SyntheticDataset, build_eval_transform, build_mixup_cutmix,
+                    build_train_transform, resolve_split)
+from ..data.errors import check_unreadable
+from . import distributed
+from .config import DataSection, TrainConfig
+
+log = logging.getLogger("swinkit.train")
 
 
 def derive_seed(*values: int) -> int:
@@ -45,22 +57,21 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 class GlobalBatchSampler:
     """Batch sampler over keys `(epoch, index)`; see the module docstring for the slicing rule.
 
-    `steps_per_epoch` micro-batches per epoch (the last partial global batch is dropped, as
+    `batches_per_epoch` micro-batches per epoch (the last partial global batch is dropped, as
     is a tail shorter than `accumulation` micro-batches). `set_position(epoch, step)` picks
-    where the next iteration starts.
+    the micro-batch where the next iteration starts.
     """
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 accumulation: int = 1, shuffle: bool = True):
+                 accumulation: int = 1):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
         self.seed = seed
-        self.shuffle = shuffle
         self.global_batch = batch_size * world_size
-        self.steps_per_epoch = (num_samples // self.global_batch) // accumulation * accumulation
-        if self.steps_per_epoch == 0:
+        self.batches_per_epoch = (num_samples // self.global_batch) // accumulation * accumulation
+        if self.batches_per_epoch == 0:
             raise DataError(f"the training split has {num_samples} samples, fewer than one optimizer step needs "
                             f"({self.global_batch} per micro-batch x {accumulation} accumulation); "
                             "lower the batch size")
@@ -70,13 +81,12 @@ class GlobalBatchSampler:
         self.epoch, self.start_step = epoch, step
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        return self.batches_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
-        order = epoch_permutation(self.num_samples, self.seed, epoch) if self.shuffle else torch.arange(self.num_samples)
-        order = order.tolist()
-        for step in range(self.start_step, self.steps_per_epoch):
+        order = epoch_permutation(self.num_samples, self.seed, epoch).tolist()
+        for step in range(self.start_step, self.batches_per_epoch):
             start = step * self.global_batch + self.rank * self.batch_size
             yield [(epoch, index) for index in order[start:start + self.batch_size]]
 
@@ -134,10 +144,9 @@ class _DecodeToUint8:
 class CachedSplit:
     """A split held in memory: images uint8 `[N, C, H, W]`, labels int64 `[N]`."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images = images
         self.labels = labels
-        self.classes = list(classes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -156,7 +165,7 @@ class CachedSplit:
                 labels.append(batch_labels)
         finally:
             dataset.transform = None
-        return cls(torch.cat(images), torch.cat(labels).long(), dataset.classes)
+        return cls(torch.cat(images), torch.cat(labels).long())
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
@@ -240,3 +249,124 @@ class CachedEvalLoader:
 def shard_indices(num_samples: int, world_size: int, rank: int) -> list[int]:
     """Rank r evaluates samples r, r + W, ...: every sample exactly once across ranks, no padding."""
     return list(range(rank, num_samples, world_size))
+
+
+# ---------------------------------------------------------------------------------- for the trainer
+def open_image_folders(data: DataSection) -> tuple[ImageFolderDataset | None, ImageFolderDataset | None]:
+    """The train and val image folders under `data.path` (val None without `data.val_split`; both
+    None for synthetic data). Both splits must hold the same classes."""
+    if data.synthetic:
+        return None, None
+    train = ImageFolderDataset(resolve_split(data.path, data.train_split))
+    val = ImageFolderDataset(resolve_split(data.path, data.val_split)) if data.val_split else None
+    if val is not None and val.classes != train.classes:
+        raise DataError(f"{val.root} has classes {val.classes[:5]}... but {train.root} has "
+                        f"{train.classes[:5]}...; both splits need the same class folders")
+    return train, val
+
+
+@dataclass
+class TrainingData:
+    """What the training loop reads: `sampler` (its position is the loop's), batches of
+    (images `[B, C, H, W]`, labels `[B]`) from `train_loader` and `val_loader` (None without a
+    val split), and `mix` (mixup / cutmix: labels -> soft targets `[B, num_classes]`, or None)."""
+    sampler: GlobalBatchSampler
+    train_loader: Iterable
+    val_loader: Iterable | None
+    mix: Callable | None
+
+
+def build_training_data(config: TrainConfig, preprocess, env: distributed.DistEnv, num_classes: int,
+                        train_folder: ImageFolderDataset | None,
+                        val_folder: ImageFolderDataset | None) -> TrainingData:
+    """Loaders over the image folders (or, with `data.synthetic`, synthetic data), this rank's share.
+
+    `preprocess` (img_size, in_chans, mean, std, crop_pct, interpolation) is the model's input;
+    `data.cache` decodes both splits into memory here, once."""
+    data, aug, seed, pre = config.data, config.augment, config.train.seed, preprocess
+    if data.synthetic:
+        train_set = SyntheticDataset(data.synthetic_train_size, num_classes, pre.img_size, pre.in_chans, seed=seed)
+        val_set = SyntheticDataset(data.synthetic_val_size, num_classes, pre.img_size, pre.in_chans,
+                                   seed=seed + 1_000_003) if data.val_split else None
+    else:
+        train_set, val_set = train_folder, val_folder
+        for folder in (train_folder, val_folder):
+            if folder is not None:
+                folder.in_chans = pre.in_chans
+    sampler = GlobalBatchSampler(len(train_set), config.train.batch_size, env.world_size, env.rank, seed,
+                                 config.optim.accumulation_steps)
+    if data.cache and not data.synthetic:
+        train_loader, val_loader = _cached_loaders(config, pre, env, sampler, train_set, val_set)
+    else:
+        train_loader, val_loader = _streaming_loaders(config, pre, env, sampler, train_set, val_set)
+    mixing = aug.enabled and (aug.mixup > 0 or aug.cutmix > 0) and aug.mix_prob > 0
+    mix = build_mixup_cutmix(num_classes, aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob,
+                             aug.label_smoothing) if mixing else None
+    return TrainingData(sampler, train_loader, val_loader, mix)
+
+
+def _cached_loaders(config: TrainConfig, pre, env: distributed.DistEnv, sampler: GlobalBatchSampler,
+                    train_set: ImageFolderDataset, val_set: ImageFolderDataset | None):
+    data, aug = config.data, config.augment
+    started = time.perf_counter()
+    train_cache = CachedSplit.decode(train_set, pre.img_size, crop_pct=1.0, interpolation=pre.interpolation,
+                                     workers=data.workers)
+    train_loader = CachedTrainLoader(train_cache, sampler, pre.mean, pre.std, augment=aug.enabled,
+                                     seed=config.train.seed, padding=aug.crop_padding, hflip=aug.hflip)
+    val_loader = None
+    if val_set is not None:
+        val_cache = CachedSplit.decode(val_set, pre.img_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation,
+                                       workers=data.workers)
+        val_loader = CachedEvalLoader(val_cache, shard_indices(len(val_cache), env.world_size, env.rank),
+                                      config.train.batch_size, pre.mean, pre.std)
+    if env.is_main:
+        log.info("decoded %d + %d images into memory in %.1f s", len(train_cache),
+                 len(val_set) if val_set is not None else 0, time.perf_counter() - started)
+    return train_loader, val_loader
+
+
+def _streaming_loaders(config: TrainConfig, pre, env: distributed.DistEnv, sampler: GlobalBatchSampler,
+                       train_set, val_set):
+    data, aug, workers = config.data, config.augment, config.data.workers
+    train_transform = val_transform = None
+    if not data.synthetic:  # synthetic samples are model inputs already
+        train_transform = build_train_transform(
+            pre.img_size, pre.mean, pre.std, in_chans=pre.in_chans, augment=aug.enabled, scale=tuple(aug.scale),
+            hflip=aug.hflip, rand_augment=aug.rand_augment, random_erasing=aug.random_erasing,
+            interpolation=pre.interpolation)
+        val_transform = build_eval_transform(pre.img_size, pre.mean, pre.std, crop_pct=pre.crop_pct,
+                                             interpolation=pre.interpolation, in_chans=pre.in_chans)
+    pin = env.device.type == "cuda"
+    train_loader = DataLoader(
+        SeededTransformDataset(train_set, train_transform, config.train.seed), batch_sampler=sampler,
+        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator())
+    val_loader = None if val_set is None else DataLoader(
+        SeededTransformDataset(val_set, val_transform), batch_size=config.train.batch_size,
+        sampler=shard_indices(len(val_set), env.world_size, env.rank), num_workers=workers,
+        pin_memory=pin, generator=torch.Generator())
+    return train_loader, val_loader
+
+
+class UnreadableImages:
+    """Files of the image folders that could not be decoded (each dataset replaces and flags them)."""
+
+    def __init__(self, folders: Sequence[ImageFolderDataset | None], max_fraction: float):
+        self.folders = [folder for folder in folders if folder is not None]
+        self.max_fraction = max_fraction
+        self.reported: list[str] = []
+
+    def check(self, env: distributed.DistEnv) -> int:
+        """The count so far over all ranks; more than `max_fraction` of a folder -> DataError (on every rank)."""
+        if not self.folders:
+            return 0
+        counts = distributed.all_reduce_sum([float(folder.num_failed) for folder in self.folders], env)
+        for folder, failed in zip(self.folders, counts):
+            check_unreadable(int(failed), len(folder), folder.root, folder.failed_paths(), self.max_fraction)
+        return int(sum(counts))
+
+    def report(self) -> None:
+        """Log this rank's unreadable files when the list has changed."""
+        names = [path for folder in self.folders for path in folder.failed_paths()]
+        if names and names != self.reported:
+            log.warning("skipped %d unreadable image(s) so far: %s", len(names), ", ".join(names[:10]))
+            self.reported = names

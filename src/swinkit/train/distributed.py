@@ -1,6 +1,9 @@
-"""Process-group setup (gloo on CPU, NCCL on CUDA), small collectives, and the torchrun relaunch."""
+"""Everything that knows about more than one process: process-group setup (gloo on CPU, NCCL
+on CUDA), small collectives, DDP / FSDP wrapping and full state dicts, and the torchrun relaunch.
+Every helper is a no-op (or the single-process answer) when the run has one process."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -8,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -69,19 +74,71 @@ def all_gather_objects(obj, env: DistEnv) -> list:
     return gathered
 
 
-def broadcast_object(obj, env: DistEnv):
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
 
 
+# ------------------------------------------------------------------------------ DDP and FSDP
+def shard(model: nn.Module) -> None:
+    """FSDP2, in place: each block is its own shard unit, the rest of the model one more."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks():
+        fully_shard(block)
+    fully_shard(model)
+
+
+def replicate(module: nn.Module, env: DistEnv) -> DistributedDataParallel:
+    """DDP: gradients are averaged over ranks during backward."""
+    return DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def no_sync(model: nn.Module, accumulating: bool):
+    """While accumulating micro-batches, DDP keeps gradients local (the last backward reduces them)."""
+    if accumulating and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor (FSDP) gathered whole; any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _full_on_cpu():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(module: nn.Module, sharded: bool) -> dict:
+    """The whole state dict on the CPU (sharded: gathered, on rank 0 only)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(module, options=_full_on_cpu())
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer, options=_full_on_cpu())
+    return optimizer.state_dict()
+
+
+def load_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
+               sharded: bool) -> None:
+    """Load whole state dicts (as `model_state` / `optimizer_state` return them) into each rank's shards."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        set_model_state_dict(model, model_state, options=_full_on_cpu())
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=_full_on_cpu())
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+
+
+# ------------------------------------------------------------------------------ torchrun
 def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 

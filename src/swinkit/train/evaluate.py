@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..metrics import percent, topk_hits
+
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, device: torch.device | str, *,
@@ -27,10 +29,9 @@ def evaluate_model(model: nn.Module, loader, device: torch.device | str, *,
                 logits = model(images)
             logits = logits.float()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top.eq(labels[:, None])
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(dim=1).sum())
+            hit_top1, hit_top5 = topk_hits(logits, labels)
+            correct1 += int(hit_top1.sum())
+            correct5 += int(hit_top5.sum())
             images_seen += labels.shape[0]
     finally:
         model.train(was_training)
@@ -42,6 +43,6 @@ def summarize(counts: dict) -> dict:
     """Counts -> counts plus top1, top5 (percent) and mean loss."""
     images = counts["images"]
     return {**counts,
-            "top1": 100.0 * counts["correct_top1"] / images if images else 0.0,
-            "top5": 100.0 * counts["correct_top5"] / images if images else 0.0,
+            "top1": percent(counts["correct_top1"], images),
+            "top5": percent(counts["correct_top5"], images),
             "loss": counts["loss_sum"] / images if images else float("nan")}

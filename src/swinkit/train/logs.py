@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..weights.io import atomic_write
+from ..files import atomic_write
 
 
 class MetricsLog:
@@ -94,3 +94,11 @@ def plot_curves(records: list[dict], path: str | Path) -> None:
 def progress_enabled(requested: bool) -> bool:
     """tqdm only for a person watching: a TTY, and not under CI."""
     return requested and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def progress_bar(requested: bool, total: int, done: int, description: str):
+    """A tqdm bar over `total` steps starting at `done`, or None (see `progress_enabled`)."""
+    if not progress_enabled(requested):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=description, unit="step", dynamic_ncols=True, leave=False)

@@ -16,11 +16,11 @@ and 2 under `torch.autograd.graph.saved_tensors_hooks` (each storage counted onc
 excluded), so it follows whatever the model really stores. `plan_for_budget` starts from no
 recomputation and greedily switches blocks to "selective" (recompute the attention branch) or
 "full" (recompute the block), always taking the move that saves the most bytes per extra FLOP,
-until the estimate fits. Apply the result with `model.set_recompute(plan.modes)`.
+until the estimate fits. Apply the result with `train.lean.install(model, plan.modes)`.
 
 The safety terms (`BACKWARD_WORKSPACE`, `ALLOCATOR_SLACK`, `STEP_OVERHEAD`) were tuned against the
 whole-process peak RSS of real training children (`bench/train_child.py`, AdamW, fp32, with
-`return_freed_memory`): over Swin-T at 224 (batch 4 and 16; none and full) and a 56 px micro
+`returning_freed_memory`): over Swin-T at 224 (batch 4 and 16; none and full) and a 56 px micro
 model (batch 8 to 256; none, selective, full) the estimate was 0.2% below to 6.3% above the
 measured peak. Re-checked after sliced recomputation and the oneDNN matmuls (Swin-T, THP on):
 none at batch 32 estimated ~10% above the measured 3.3 GB, all-full at 32 and 128 ~7% above
@@ -28,103 +28,30 @@ none at batch 32 estimated ~10% above the measured 3.3 GB, all-full at 32 and 12
 """
 from __future__ import annotations
 
-import math
-import re
-import resource
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..allocator import return_freed_memory  # noqa: F401  (re-exported: the trainer's and bench's entry point)
+from ..models.swin import macs
+from ..precision import autocast as _autocast
+from . import lean
+from .lean.recompute import slice_images
+from ..sysinfo import format_size, parse_size, process_rss
 
-MODES = ("none", "selective", "full")
+MODES = lean.MODES
 
 # Backward of one block holds, besides what it recomputes, gradient buffers of about this many
 # times the block's own saved bytes (grad of qkv, of fc1's output, recomputed probabilities).
 BACKWARD_WORKSPACE = 0.8
 # Resident peak over the live-tensor peak (allocator rounding, pages not yet handed back), with
-# `return_freed_memory` in effect; without it glibc's heaps hold 1.5-2x the live bytes.
+# `returning_freed_memory` in effect; without it glibc's heaps hold 1.5-2x the live bytes.
 ALLOCATOR_SLACK = 1.05
 # The first training step's one-off buffers: thread-pool scratch, kernel caches, autograd engine.
 STEP_OVERHEAD = 48 * 2 ** 20
 
-_UNITS = {"": 1, "b": 1,
-          "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
-          "t": 10 ** 12, "tb": 10 ** 12,
-          "ki": 2 ** 10, "kib": 2 ** 10, "mi": 2 ** 20, "mib": 2 ** 20, "gi": 2 ** 30, "gib": 2 ** 30,
-          "ti": 2 ** 40, "tib": 2 ** 40}
-
-
-def parse_size(value: str | int | float) -> int:
-    """Bytes from `6GB`, `2.5G` (decimal: k/M/G/T, with or without B), `512MiB` / `4Gi` (binary), or a number.
-
-    >>> parse_size("6GB"), parse_size("512MiB"), parse_size(1024)
-    (6000000000, 536870912, 1024)
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"memory size {value!r} is not a size")
-    if isinstance(value, (int, float)):
-        if value <= 0 or not math.isfinite(value):
-            raise ValueError(f"memory size {value!r} must be a positive number of bytes")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match and _UNITS.get(match.group(2).lower())
-    if not match or unit is None:
-        raise ValueError(f"memory size {value!r} is not understood; write e.g. '6GB', '2.5G', '512MiB' or bytes")
-    size = int(float(match.group(1)) * unit)
-    if size <= 0:
-        raise ValueError(f"memory size {value!r} must be positive")
-    return size
-
-
-def format_size(num_bytes: float) -> str:
-    """Decimal units, as `parse_size` reads them back: 5.7 GB, 640 MB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(num_bytes) >= scale:
-            return f"{num_bytes / scale:.{1 if unit == 'GB' else 0}f} {unit}"
-    return f"{int(num_bytes)} B"
-
 
 # ------------------------------------------------------------------------------------ measuring
-def _proc_status_bytes(field: str) -> int | None:
-    """A size field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None where /proc is missing."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def process_rss() -> int:
-    """Resident bytes of this process now (Linux /proc), else its peak so far (getrusage)."""
-    current = _proc_status_bytes("VmRSS")
-    return current if current is not None else peak_rss()
-
-
-def peak_rss() -> int:
-    """High-water resident bytes of this process (VmHWM; ru_maxrss where /proc is missing)."""
-    peak = _proc_status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision in ("fp32", "float32", None):
-        return nullcontext()
-    dtypes = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "amp": None,
-              "fp16-mixed": torch.float16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision {precision!r} is not one of fp32, bf16-mixed, fp16-mixed")
-    dtype = dtypes[precision] or (torch.bfloat16 if device.type == "cpu" else torch.float16)
-    return torch.autocast(device.type, dtype=dtype)
-
-
 class _SavedTensorCounter:
     """Counts the bytes autograd keeps for backward, each storage once, parameters and buffers
     excluded; attributes them to the block running when they were saved (None: outside blocks).
@@ -163,7 +90,7 @@ class _SavedTensorCounter:
         for index, block in enumerate(self.blocks):
             def enter(module, args, index=index):
                 self.current = index
-                if getattr(module, "recompute", "none") != "none" and torch.is_tensor(args[0]):
+                if getattr(module, "recompute_mode", "none") != "none" and torch.is_tensor(args[0]):
                     self._record(args[0])  # held by the checkpoint for recomputation
 
             def leave(module, args, output):
@@ -278,28 +205,13 @@ class Profile:
 
 
 def _block_flops(model, img_size) -> list[tuple[int, int]]:
-    """(attention-branch, MLP-branch) forward FLOPs per image for every block, from shapes."""
-    config = model.config
-    resolutions = config.stage_resolutions(img_size)
-    dims = config.stage_dims()
-    result = []
-    for stage, (height, width), dim in zip(model.layers, resolutions, dims):
-        window = stage.window
-        windows = math.ceil(height / window) * math.ceil(width / window)
-        tokens = window * window
-        heads = stage.blocks[0].attn.num_heads
-        hidden = int(dim * config.mlp_ratio)
-        attention = windows * (tokens * dim * 3 * dim + 2 * heads * tokens * tokens * (dim // heads)
-                               + tokens * dim * dim) + height * width * dim
-        mlp = 2 * height * width * dim * hidden + height * width * dim
-        result += [(2 * attention, 2 * mlp)] * len(stage.blocks)
-    return result
+    """(attention-branch, MLP-branch) forward FLOPs per image for every block (`models.swin.macs`)."""
+    return [(2 * attention, 2 * mlp) for attention, mlp in macs(model.config, img_size)["blocks"]]
 
 
 def _slice_images(model, img_size) -> list[int]:
     """Images per slice of each block's "full" recomputation (0 where dropout makes it recompute the
-    whole batch at once, see `models/recompute.py`)."""
-    from ..models.recompute import slice_images
+    whole batch at once, see `train/lean/recompute.py`)."""
     result = []
     for stage, (height, width), dim in zip(model.layers, model.config.stage_resolutions(img_size),
                                            model.config.stage_dims()):
@@ -312,27 +224,31 @@ def activation_profile(model, img_size: int | tuple[int, int] | None = None, in_
                        precision: str = "fp32") -> Profile:
     """Measure saved-for-backward bytes per image of every block in every recompute mode.
 
-    Six training-mode forward passes (batch 1 and 2, three modes), no backward; the model's
-    own recompute plan, train/eval state and the global random streams are left as they were.
+    Six training-mode forward passes (batch 1 and 2, three modes), no backward, under the lean
+    training policy (`train.lean`, installed for the duration if the model does not have it); the
+    model's own plan, train/eval state and the global random streams are left as they were.
     """
     config = model.config
     img_size = config.img_size if img_size is None else img_size
     img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     in_chans = config.in_chans if in_chans is None else in_chans
     blocks = model.blocks()
-    previous_plan, was_training = model.recompute_plan(), model.training
+    installed, previous_plan, was_training = lean.is_installed(model), lean.plan_of(model), model.training
     counts: dict[tuple[str, int], tuple[list[int], int]] = {}
     model.train()
     try:
         with _own_rng(model):
             for mode in MODES:
-                model.set_recompute(mode)
+                lean.install(model, mode)
                 for batch in (1, 2):
                     x = _input(model, batch, img_size, in_chans)
                     with _autocast(precision, x.device):
                         counts[mode, batch] = _SavedTensorCounter(model, blocks).count(lambda: model(x))
     finally:
-        model.set_recompute(previous_plan)
+        if installed:
+            lean.set_plan(model, previous_plan)
+        else:
+            lean.uninstall(model)
         model.train(was_training)
 
     flops = _block_flops(model, img_size)
@@ -478,17 +394,16 @@ def _no_fit_message(profile: Profile, fixed: int, batch_size: int, budget: int) 
 def apply_memory_budget(model, batch_size: int, budget: int | str, *, img_size=None, in_chans: int | None = None,
                         precision: str = "fp32", optimizer: str = "adamw", ema: bool = False, log=None) -> Plan:
     """`--memory-budget` for a trainer: plan for `batch_size` images per process and step (the
-    micro-batch under gradient accumulation) and apply the plan with `model.set_recompute`.
+    micro-batch under gradient accumulation) and install it with `train.lean.install`.
 
     Call it after building the model and moving it to its device, before creating the optimizer
     (the plan counts the optimizer state the trainer is about to allocate) and before DDP/compile
-    wrapping. On CPU it also calls `return_freed_memory`, under which the estimate was tuned.
-    Raises ValueError (with the batch that would fit) when nothing fits."""
-    if _model_device(model).type == "cpu":
-        return_freed_memory()
+    wrapping. The estimate was tuned with freed memory returned to the OS: on CPU, train inside
+    `train.lean.allocator.returning_freed_memory()`. Raises ValueError (with the batch that would
+    fit) when nothing fits."""
     plan = plan_for_budget(model, batch_size, budget, img_size, in_chans=in_chans, precision=precision,
                            optimizer=optimizer, ema=ema)
-    model.set_recompute(plan.modes)
+    lean.install(model, plan.modes)
     if log is not None:
         log(plan.summary)
     return plan

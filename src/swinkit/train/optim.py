@@ -22,9 +22,8 @@ def param_groups(model: nn.Module, weight_decay: float, skip_keywords: tuple[str
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas, eps: float,
-                    skip_keywords: tuple[str, ...] = ()) -> torch.optim.AdamW:
-    keywords = tuple(skip_keywords) + tuple(getattr(model, "no_weight_decay_keywords", lambda: ())())
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
+    keywords = tuple(getattr(model, "no_weight_decay_keywords", lambda: ())())
     return torch.optim.AdamW(param_groups(model, weight_decay, keywords), lr=lr, betas=tuple(betas), eps=eps)
 
 

@@ -12,16 +12,17 @@ import argparse
 import json
 import os
 import re
-import secrets
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "read_checkpoint", "write_safetensors", "atomic_write", "torch_save_atomic"]
+from ..files import atomic_write
+
+__all__ = ["CheckpointError", "read_checkpoint", "write_safetensors"]
 
 
 class CheckpointError(Exception):
@@ -178,35 +179,6 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')}" if text else type(error).__name__
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> Path:
-    """Write `path` so that readers see the old file or the whole new one, never a mix.
-
-    `write_fn(tmp_path)` writes a temporary file in the same folder; it is flushed to
-    disk, renamed over `path` with `os.replace`, and the folder entry is synced. If
-    `write_fn` (or anything after it) raises, the temporary file is removed and the
-    previous `path`, if any, is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode follows the umask
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
-
-
 def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Atomically save a state dict as safetensors, with string-to-string header metadata.
@@ -223,8 +195,3 @@ def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Pat
         tensors[key] = tensor.clone() if storage in seen_storages else tensor
         seen_storages.add(storage)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
-
-
-def torch_save_atomic(obj: object, path: str | os.PathLike) -> Path:
-    """`torch.save` that never leaves a half-written `.pth` (training checkpoints, resume state)."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

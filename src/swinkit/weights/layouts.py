@@ -337,11 +337,12 @@ def _fuse_torchvision_qkv_bias(state_dict: dict) -> dict:
 
 
 def _block_windows(config: SwinConfig):
-    """(stage, block, window, pretrained window, shift of this block, stage resolution) for every block."""
+    """(stage, block, window, pretrained window, (rows, cols) shift of this block, stage resolution)
+    for every block, by the model's own shift rule (`SwinConfig.stage_shifts`)."""
     for stage, (depth, window, shift, resolution) in enumerate(zip(
             config.depths, config.stage_windows(), config.stage_shifts(), config.stage_resolutions())):
         for block in range(depth):
-            yield stage, block, window, config.pretrained_window_sizes[stage], shift if block % 2 else 0, resolution
+            yield stage, block, window, config.pretrained_window_sizes[stage], shift if block % 2 else (0, 0), resolution
 
 
 def _official_buffers(config: SwinConfig) -> dict[str, torch.Tensor]:
@@ -352,9 +353,10 @@ def _official_buffers(config: SwinConfig) -> dict[str, torch.Tensor]:
         if config.version == 2:
             buffers[name + "attn.relative_coords_table"] = relative_coords_table((window, window),
                                                                                  (pretrained, pretrained))
-        if shift:
+        if shift != (0, 0):
+            # The official mask covers the shift regions of the (window-aligned) map, no padding.
             padded_h, padded_w = math.ceil(height / window) * window, math.ceil(width / window) * window
-            mask = window_attention_mask(padded_h, padded_w, padded_h, padded_w, window, (shift, shift))
+            mask = window_attention_mask(padded_h, padded_w, window, shift)
             buffers[name + "attn_mask"] = mask + 0.0  # [nW, N, N] of 0 / -100 (+ 0.0 turns -0.0 into 0.0)
     return buffers
 

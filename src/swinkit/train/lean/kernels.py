@@ -10,23 +10,22 @@ rounding):
   and recomputes the LayerNorm (v1) and the GELU in backward (v2, whose norm
   follows the MLP, also keeps fc2's output for the norm's backward);
 - window attention: plain autograd keeps the attention probabilities
-  `[B * num_windows, heads, N, N]` (and copies of q, k, v). `window_attention`
+  `[B, num_windows, heads, N, N]` (and copies of q, k, v). `window_attention`
   keeps only the fused qkv projection and recomputes the probabilities (and v2's
   cosine normalisation) in backward.
 
-They run in training only (when autograd records); inference uses the plain path.
+Each is the hand-written gradient of a branch of the one model definition (`models/`) and is
+tested equal to autograd of that definition; `train.lean` installs them on a model.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
-from . import gemm
+from ... import onednn as gemm
+from ...models.attention import LOG_MAX_TEMPERATURE, attention_probs, merge_heads, split_heads
 
 aten = torch.ops.aten
-LOG_MAX_LOGIT_SCALE = math.log(100.0)
 
 
 class _MlpBranch(torch.autograd.Function):
@@ -133,94 +132,69 @@ def mlp_branch(x: torch.Tensor, norm: torch.nn.LayerNorm, mlp, pre_norm: bool) -
         return _MlpBranch.apply(x, norm.weight, norm.bias, *(w.to(dtype) for w in weights), norm.eps, pre_norm)
 
 
-def _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale, probs=None):
-    """Recomputable part of window attention: (probabilities, q, k, v, q/|q|, k/|k|, norms).
-
-    qkv: `[B * num_windows, N, 3, heads, head_dim]`; returns tensors shaped `[B, num_windows, heads, N, .]`.
-    Pass `probs` when they were kept: only q, k, v (and v2's normalised q, k) are rebuilt.
-    """
-    batch_windows, tokens, _, heads, head_dim = qkv.shape
-    q, k, v = qkv.view(batch_windows // num_windows, num_windows, tokens, 3, heads, head_dim) \
-                 .permute(3, 0, 1, 4, 2, 5).unbind(0)
-    if logit_scale is None:
-        q_norm = k_norm = q_unit = k_unit = None
-        if probs is None:
-            scores = torch.matmul(q * scale, k.transpose(-2, -1))
-    else:
-        q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        q_unit, k_unit = q / q_norm, k / k_norm
-        if probs is None:
-            temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()
-            scores = torch.matmul(q_unit * temperature.to(q.dtype), k_unit.transpose(-2, -1))
-    if probs is None:
-        softmax_dtype = torch.promote_types(qkv.dtype, torch.float32)  # at least fp32 under AMP
-        probs = torch.softmax(scores.to(softmax_dtype) + bias_mask.to(softmax_dtype), dim=-1).to(qkv.dtype)
-    return probs, q, k, v, q_unit, k_unit, q_norm, k_norm
-
-
 class _WindowAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias + mask) v over windows, probabilities recomputed in backward
-    (or kept, with `keep_probs`, where a caller bounds the batch: block recomputation's slices)."""
+    """`models.attention.window_attention` on a qkv projection in window layout, storing only the
+    projection: the probabilities (and v2's normalised q, k) are recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, qkv, bias, mask, logit_scale, scale: float, num_windows: int, keep_probs: bool = False):
-        bias_mask = bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)  # [nW, heads, N, N]
-        probs, _, _, v, *_ = _attention_scores(qkv, bias_mask, num_windows, scale, logit_scale)
-        out = torch.matmul(probs, v)  # [B, nW, heads, N, head_dim]
-        ctx.save_for_backward(qkv, bias_mask, logit_scale, probs if keep_probs else None)
-        ctx.bias_dtype = bias.dtype
-        ctx.scale, ctx.num_windows, ctx.has_mask = scale, num_windows, mask is not None
-        batch_windows, tokens, _, heads, head_dim = qkv.shape
-        return out.permute(0, 1, 3, 2, 4).reshape(batch_windows, tokens, heads * head_dim)
+    def forward(ctx, qkv, attn_bias, logit_scale, scale: float, window: int, num_heads: int):
+        temperature = scale if logit_scale is None else logit_scale.clamp(max=LOG_MAX_TEMPERATURE).exp()
+        q, k, v = split_heads(qkv, window, num_heads)
+        out = torch.matmul(attention_probs(q, k, attn_bias, temperature, logit_scale is not None), v)
+        ctx.save_for_backward(qkv, attn_bias, logit_scale)
+        ctx.scale, ctx.window, ctx.num_heads = scale, window, num_heads
+        return merge_heads(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, bias_mask, logit_scale, kept_probs = ctx.saved_tensors
-        batch_windows, tokens, _, heads, head_dim = qkv.shape
-        probs, q, k, v, q_unit, k_unit, q_norm, k_norm = _attention_scores(
-            qkv, bias_mask, ctx.num_windows, ctx.scale, logit_scale, kept_probs)
-        grad_o = grad_out.to(qkv.dtype).view(batch_windows // ctx.num_windows, ctx.num_windows, tokens, heads, head_dim) \
-                         .permute(0, 1, 3, 2, 4)
+        qkv, attn_bias, logit_scale = ctx.saved_tensors
+        cosine = logit_scale is not None
+        temperature = logit_scale.clamp(max=LOG_MAX_TEMPERATURE).exp() if cosine else ctx.scale
+        q, k, v = split_heads(qkv, ctx.window, ctx.num_heads)
+        probs = attention_probs(q, k, attn_bias, temperature, cosine)  # [B, nW, heads, N, N]
+        batch, length, channels = grad_out.shape
+        tokens = ctx.window * ctx.window
+        grad_o = grad_out.to(qkv.dtype).view(batch, length // tokens, tokens, ctx.num_heads,
+                                             channels // ctx.num_heads).permute(0, 1, 3, 2, 4)
         grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
         grad_probs = torch.matmul(grad_o, v.transpose(-2, -1))
         softmax_dtype = torch.promote_types(qkv.dtype, torch.float32)
         grad_scores = aten._softmax_backward_data(grad_probs.to(softmax_dtype), probs.to(softmax_dtype), -1,
                                                   softmax_dtype)
-        grad_bias_mask = grad_scores.sum(0)  # [nW, heads, N, N]
-        grad_bias = (grad_bias_mask.sum(0) if ctx.has_mask else grad_bias_mask.squeeze(0)).to(ctx.bias_dtype)
+        grad_bias = grad_scores.sum(0)  # [nW, heads, N, N]
+        if attn_bias.shape[0] == 1:
+            grad_bias = grad_bias.sum(0, keepdim=True)
+        grad_bias = grad_bias.to(attn_bias.dtype)
         grad_scores = grad_scores.to(qkv.dtype)
         grad_logit_scale = None
-        if logit_scale is None:
+        if not cosine:
             grad_q = torch.matmul(grad_scores, k) * ctx.scale
             grad_k = torch.matmul(grad_scores.transpose(-2, -1), q * ctx.scale)
         else:
-            temperature = logit_scale.clamp(max=LOG_MAX_LOGIT_SCALE).exp()  # [heads, 1, 1]
+            q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            q_unit, k_unit = q / q_norm, k / k_norm
             grad_q_unit = torch.matmul(grad_scores, k_unit) * temperature.to(qkv.dtype)
             grad_k_unit = torch.matmul(grad_scores.transpose(-2, -1), q_unit) * temperature.to(qkv.dtype)
             grad_temperature = (grad_q_unit * q_unit).to(temperature.dtype).sum(dim=(0, 1, 3, 4))
             grad_temperature = grad_temperature.view_as(temperature) / temperature
-            grad_logit_scale = grad_temperature * temperature * (logit_scale <= LOG_MAX_LOGIT_SCALE)
+            grad_logit_scale = grad_temperature * temperature * (logit_scale <= LOG_MAX_TEMPERATURE)
             grad_q = (grad_q_unit - q_unit * (grad_q_unit * q_unit).sum(-1, keepdim=True)) / q_norm
             grad_k = (grad_k_unit - k_unit * (grad_k_unit * k_unit).sum(-1, keepdim=True)) / k_norm
-        grad_qkv = torch.stack((grad_q, grad_k, grad_v), dim=0)  # [3, B, nW, heads, N, head_dim]
-        grad_qkv = grad_qkv.permute(1, 2, 4, 0, 3, 5).reshape(qkv.shape)
-        return grad_qkv, grad_bias, None, grad_logit_scale, None, None, None
+        # [3, B, nW, heads, N, head_dim] -> the projection's layout [B, nW * N, 3 * heads * head_dim]
+        grad_qkv = torch.stack((grad_q, grad_k, grad_v), dim=0).permute(1, 2, 4, 0, 3, 5).reshape(qkv.shape)
+        return grad_qkv, grad_bias, grad_logit_scale, None, None, None
 
 
-def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
-                     logit_scale: torch.Tensor | None, scale: float, keep_probs: bool = False) -> torch.Tensor:
+def window_attention(qkv: torch.Tensor, attn_bias: torch.Tensor, logit_scale: torch.Tensor | None, scale: float,
+                     window: int, num_heads: int) -> torch.Tensor:
     """Training-time window attention storing only `qkv` for backward.
 
-    qkv: `[B * num_windows, N, 3, heads, head_dim]` (the qkv projection, unpermuted);
-    bias: `[heads, N, N]`; mask: `[num_windows, N, N]` or None;
+    qkv: `[B, num_windows * N, 3C]` (the projection); attn_bias: `[num_windows or 1, heads, N, N]`;
     logit_scale: v2's `[heads, 1, 1]` (cosine attention) or None (v1: dot product times `scale`).
-    Returns `[B * num_windows, N, heads * head_dim]`. `keep_probs` also stores the probabilities
-    (`[B * num_windows, heads, N, N]`), saving their recomputation in backward.
+    Returns `[B, num_windows * N, C]`. Under autocast it runs in qkv's dtype with an fp32 softmax.
     """
-    num_windows = 1 if mask is None else mask.shape[0]
-    mask = None if mask is None else mask.to(bias.dtype)
     if _autocast_dtype(qkv.device.type) is None:
-        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows, keep_probs)
+        return _WindowAttention.apply(qkv, attn_bias, logit_scale, scale, window, num_heads)
     with torch.autocast(qkv.device.type, enabled=False):
-        return _WindowAttention.apply(qkv, bias, mask, logit_scale, scale, num_windows, keep_probs)
+        return _WindowAttention.apply(qkv, attn_bias, logit_scale, scale, window, num_heads)
