@@ -1,5 +1,5 @@
 """GFLOP/s of the three matmuls of a linear layer in training, MKL (torch.mm) vs oneDNN as
-`swinkit.models.gemm` calls it, at Swin-T's shapes for batch 16 (rows = tokens of the batch).
+`swinkit.onednn` calls it, at Swin-T's shapes for batch 16 (rows = tokens of the batch).
 
     python scripts/gemm_bench.py [--threads 2] [--batch 16]
 """
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from swinkit.models import gemm
+from swinkit import onednn as gemm
 
 
 def seconds(fn, repeats: int = 5) -> float:

@@ -1,4 +1,4 @@
-"""Sliced block recomputation (models/recompute.py): the same loss and gradients as storing
+"""Sliced block recomputation (train/lean/recompute.py): the same loss and gradients as storing
 everything, slice by slice, under drop path and autocast; a recomputed block keeps only its input;
 the allocator policy around the slice loops hands memory back."""
 from __future__ import annotations
@@ -78,12 +78,14 @@ def test_sliced_recompute_restores_autocast(version, monkeypatch):
 
         def spy(*args, original=original):
             if torch.is_grad_enabled():  # the recomputation in backward (forward runs without grad)
-                states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+                states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                               recompute.recomputing()))
             return original(*args)
         monkeypatch.setattr(block, "forward_stored", spy)
     _, grads_full = loss_and_grads(model, x, autocast=True)
     assert len(states) == 2 * 2 + 6  # first stage: two one-image slices per block; later stages: one
-    assert set(states) == {(True, torch.bfloat16)}
+    assert set(states) == {(True, torch.bfloat16, True)}  # (and the kernels' shortcuts are on)
+    assert not recompute.recomputing()
     for key, grad in grads_plain.items():  # bf16 rounding apart, the same gradients
         assert grads_full[key].dtype == torch.float32
         assert torch.allclose(grads_full[key], grad, rtol=0.05, atol=0.05 * grad.abs().max().item() + 1e-6), key

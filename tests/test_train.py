@@ -194,7 +194,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
 def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, recompute):
     # The recipe's lr (5e-4 per 512 images): Adam turns float noise in near-zero gradients into
     # steps of up to lr, so a large unscaled lr would compare noise, not the data split.
-    # With recomputation the block parameters' gradients come out of models/recompute.py's
+    # With recomputation the block parameters' gradients come out of train/lean/recompute.py's
     # autograd function once per step, which DDP's gradient hooks must see as usual.
     flags = ["--no-augment", "--drop-path", 0, "--max-steps", 4, *recompute]
     args = synthetic(*flags, data__synthetic_train_size=64, optim__scale_lr="true", optim__lr="5e-4")

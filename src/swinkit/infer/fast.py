@@ -115,20 +115,34 @@ class FastMlp:
 
 
 class FrozenWindowAttention:
-    """Window attention whose constants (position bias, temperature, qkv bias) were computed once
-    by `freeze` and are read from buffers."""
+    """Window attention whose constants were computed once by `freeze`: v1's attention scale is
+    folded into the q rows of the projection, v2's temperature and q/v bias are read from buffers,
+    and the position bias is summed with each block's mask once per input size by `FastSwin.plan`
+    (`attention_bias` of the plain module), which hands the sum to the block in place of the mask."""
 
     def freeze(self) -> None:
         with torch.no_grad():
             plain = super()
             self.register_buffer("frozen_bias", plain.relative_position_bias().detach().clone(), persistent=False)
-            temperature = plain.temperature()
-            self.frozen_temperature = temperature if not torch.is_tensor(temperature) else None
-            if torch.is_tensor(temperature):
-                self.register_buffer("frozen_temperature_tensor", temperature.detach().clone(), persistent=False)
             qkv_bias = plain.qkv_bias()
-            self.register_buffer("frozen_qkv_bias", None if qkv_bias is None else qkv_bias.detach().clone(),
-                                 persistent=False)
+            weight = self.qkv.weight
+            qkv_bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if qkv_bias is None else qkv_bias.clone()
+            temperature = plain.temperature()
+            if not self.cosine:  # a constant scale: fold it into q = x W_q^T + b_q
+                dim = weight.shape[0] // 3
+                weight[:dim] *= temperature
+                qkv_bias[:dim] *= temperature
+                temperature = torch.ones(())
+            self.register_buffer("frozen_qkv_bias", qkv_bias.detach(), persistent=False)
+            self.register_buffer("frozen_temperature", temperature.detach().clone(), persistent=False)
+
+    def frozen_attention_bias(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """What the block receives in place of `mask`: `[num_windows or 1, heads, N, N]`."""
+        bias = self.frozen_bias.unsqueeze(0)
+        return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
+
+    def attention_bias(self, attn_bias: torch.Tensor) -> torch.Tensor:
+        return attn_bias
 
     def project_qkv(self, x):
         qkv = self.qkv
@@ -140,13 +154,13 @@ class FrozenWindowAttention:
         return self.frozen_bias
 
     def temperature(self):
-        return self.frozen_temperature if self.frozen_temperature is not None else self.frozen_temperature_tensor
+        return 1.0 if not self.cosine else self.frozen_temperature
 
 
 @dataclass
 class _BlockPlan:
     gather: torch.Tensor | None      # [L] slots of the previous layout, None = same layout
-    mask: torch.Tensor | None        # [num_windows, N, N] shift/padding mask, None = nothing to mask
+    attn_bias: torch.Tensor          # [num_windows or 1, heads, N, N]: position bias + shift/padding mask
 
 
 @dataclass
@@ -204,7 +218,7 @@ class FastSwin(nn.Module):
     # ---------------------------------------------------------------------------------------- plans
     @torch.compiler.disable
     def plan(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> _Plan:
-        """Index maps and attention masks for a `height x width` patch grid (cached)."""
+        """Index maps and attention bias+masks for a `height x width` patch grid (cached)."""
         key = (height, width, device, dtype)
         plan = self._plans.get(key)
         if plan is not None:
@@ -217,7 +231,7 @@ class FastSwin(nn.Module):
         return plan
 
     def _build_plan(self, height, width, device, dtype, symbolic: bool = False) -> _Plan:
-        """Every index map and mask for a patch grid. `symbolic` (ONNX export with dynamic
+        """Every index map and bias+mask for a patch grid. `symbolic` (ONNX export with dynamic
         height/width): keep every step, even identities, since the sizes are unknown here."""
         def keep(index: torch.Tensor) -> torch.Tensor | None:
             identity = not symbolic and index.numel() == previous_slots.numel() and torch.equal(
@@ -241,7 +255,7 @@ class FastSwin(nn.Module):
             layouts = [window_layout(height, width, window, shift, device) for shift in shifts[:min(len(blocks), 2)]]
             slots = [token_slots(height, width, window, shift, device) for shift in shifts[:len(layouts)]]
             gathers: dict[int, torch.Tensor | None] = {}
-            for j in range(len(blocks)):
+            for j, block in enumerate(blocks):
                 layout, mask = layouts[j % 2]
                 mask = mask.to(dtype) if symbolic or bool(mask.any()) else None
                 gather = None
@@ -255,7 +269,7 @@ class FastSwin(nn.Module):
                     if j % 2 not in gathers:
                         gathers[j % 2] = keep(previous_slots[layout.clamp(min=0)])
                     gather = gathers[j % 2]
-                block_plans.append(_BlockPlan(gather, mask))
+                block_plans.append(_BlockPlan(gather, block.attn.frozen_attention_bias(mask).to(dtype).contiguous()))
                 previous_slots = slots[j % 2]
             previous_hw = (height, width)
             stages.append(_StagePlan(merge_gather, merge_zero, block_plans))
@@ -287,7 +301,7 @@ class FastSwin(nn.Module):
             for block, block_plan in zip(stage.blocks, stage_plan.blocks):
                 if block_plan.gather is not None:
                     x = x.index_select(1, block_plan.gather)
-                x = block(x, block_plan.mask)
+                x = block(x, block_plan.attn_bias)
         x = model.norm(x)
         if plan.real_slots is None:
             x = x.mean(dim=1)

@@ -37,10 +37,12 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor, t
     if cosine:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     if torch.is_tensor(temperature):
-        temperature = temperature.to(q.dtype)
-    scores = torch.matmul(q * temperature, k.transpose(-2, -1))
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    return torch.softmax(scores.to(softmax_dtype) + attn_bias.to(softmax_dtype), dim=-1).to(q.dtype)
+        q = q * temperature.to(q.dtype)
+    elif temperature != 1.0:  # 1.0: the fast path folded it into the q projection
+        q = q * temperature
+    scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))
+    scores += attn_bias.to(scores.dtype)  # in place: the scores are not needed for backward
+    return torch.softmax(scores, dim=-1).to(q.dtype)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor, temperature,

@@ -33,7 +33,7 @@ from ...models.swin import SwinBlock, SwinTransformer
 from ...onednn import OneDNNLinear, linear_autograd
 from ...policy import plain_class, restore, specialise
 from . import kernels
-from .recompute import recompute_block
+from .recompute import recompute_block, recomputing
 
 MODES = ("none", "selective", "full")
 
@@ -62,7 +62,7 @@ class LeanBlock:
     def mlp_branch(self, x):
         if self.training and self.mlp.drop.p > 0:  # the lean kernel has no dropout
             return super().mlp_branch(x)
-        return kernels.mlp_branch(x, self.norm2, self.mlp, pre_norm=self.version == 1)
+        return kernels.mlp_branch(x, self.norm2, self.mlp, pre_norm=self.version == 1, skip_output=recomputing())
 
 
 class LeanWindowAttention:
@@ -74,9 +74,12 @@ class LeanWindowAttention:
     def attend(self, qkv, attn_bias):
         if self.training and self.attn_drop > 0:  # the lean kernel has no dropout
             return super().attend(qkv, attn_bias)
+        keep_probs = recomputing()  # a slice of the batch: keep the probabilities, not a third softmax
         if self.cosine:
-            return kernels.window_attention(qkv, attn_bias, self.logit_scale, 1.0, self.window, self.num_heads)
-        return kernels.window_attention(qkv, attn_bias, None, self.temperature(), self.window, self.num_heads)
+            return kernels.window_attention(qkv, attn_bias, self.logit_scale, 1.0, self.window, self.num_heads,
+                                            keep_probs)
+        return kernels.window_attention(qkv, attn_bias, None, self.temperature(), self.window, self.num_heads,
+                                        keep_probs)
 
 
 class LeanPatchEmbed:

@@ -34,13 +34,16 @@ class _MlpBranch(torch.autograd.Function):
     # Matmuls run in the dtype of w1/w2 and LayerNorm in the dtype of its parameters: under
     # autocast the caller passes half-precision weights and fp32 norms, as autocast itself would.
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, pre_norm: bool):
+    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, pre_norm: bool, skip_output: bool):
         channels = x.shape[-1]
         if pre_norm:
             normed, mean, rstd = aten.native_layer_norm(x.to(norm_weight.dtype), [channels], norm_weight,
                                                         norm_bias, eps)
             hidden = gemm.linear(normed.to(w1.dtype), w1, b1)
-            out = gemm.linear(F.gelu(hidden), w2, b2)
+            if skip_output:  # backward needs fc2's input, not its output
+                out = hidden.new_empty(*hidden.shape[:-1], w2.shape[0])
+            else:
+                out = gemm.linear(F.gelu(hidden), w2, b2)
             ctx.save_for_backward(x, mean, rstd, hidden, norm_weight, norm_bias, w1, w2)
         else:
             hidden = gemm.linear(x.to(w1.dtype), w1, b1)
@@ -74,7 +77,7 @@ class _MlpBranch(torch.autograd.Function):
                 norm_weight, norm_bias, mask)
         else:
             grad_x = grad_normed
-        return (grad_x.to(x.dtype), grad_norm_w, grad_norm_b, grad_w1, grad_b1, grad_w2, grad_b2, None, None)
+        return (grad_x.to(x.dtype), grad_norm_w, grad_norm_b, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None)
 
 
 class _NormLinear(torch.autograd.Function):
@@ -117,19 +120,24 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def mlp_branch(x: torch.Tensor, norm: torch.nn.LayerNorm, mlp, pre_norm: bool) -> torch.Tensor:
+def mlp_branch(x: torch.Tensor, norm: torch.nn.LayerNorm, mlp, pre_norm: bool, skip_output: bool = False
+               ) -> torch.Tensor:
     """The MLP residual branch of a block, storing only its input and fc1's output for backward.
 
     Under autocast the matmul weights are cast (differentiably) to the autocast dtype and
     LayerNorm stays in fp32, the same split autocast applies to the plain modules.
+    `skip_output` (v1 only, for a recomputation whose output values are never read): the
+    branch's value is left unset and fc2's forward matmul skipped; the gradients are unchanged.
     """
     weights = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    skip_output = skip_output and pre_norm
     device_type = x.device.type
     dtype = _autocast_dtype(device_type)
     if dtype is None:
-        return _MlpBranch.apply(x, norm.weight, norm.bias, *weights, norm.eps, pre_norm)
+        return _MlpBranch.apply(x, norm.weight, norm.bias, *weights, norm.eps, pre_norm, skip_output)
     with torch.autocast(device_type, enabled=False):
-        return _MlpBranch.apply(x, norm.weight, norm.bias, *(w.to(dtype) for w in weights), norm.eps, pre_norm)
+        return _MlpBranch.apply(x, norm.weight, norm.bias, *(w.to(dtype) for w in weights), norm.eps, pre_norm,
+                                skip_output)
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -137,21 +145,23 @@ class _WindowAttention(torch.autograd.Function):
     projection: the probabilities (and v2's normalised q, k) are recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, qkv, attn_bias, logit_scale, scale: float, window: int, num_heads: int):
+    def forward(ctx, qkv, attn_bias, logit_scale, scale: float, window: int, num_heads: int, keep_probs: bool):
         temperature = scale if logit_scale is None else logit_scale.clamp(max=LOG_MAX_TEMPERATURE).exp()
         q, k, v = split_heads(qkv, window, num_heads)
-        out = torch.matmul(attention_probs(q, k, attn_bias, temperature, logit_scale is not None), v)
-        ctx.save_for_backward(qkv, attn_bias, logit_scale)
+        probs = attention_probs(q, k, attn_bias, temperature, logit_scale is not None)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(qkv, attn_bias, logit_scale, probs if keep_probs else None)
         ctx.scale, ctx.window, ctx.num_heads = scale, window, num_heads
         return merge_heads(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, attn_bias, logit_scale = ctx.saved_tensors
+        qkv, attn_bias, logit_scale, probs = ctx.saved_tensors
         cosine = logit_scale is not None
         temperature = logit_scale.clamp(max=LOG_MAX_TEMPERATURE).exp() if cosine else ctx.scale
         q, k, v = split_heads(qkv, ctx.window, ctx.num_heads)
-        probs = attention_probs(q, k, attn_bias, temperature, cosine)  # [B, nW, heads, N, N]
+        if probs is None:
+            probs = attention_probs(q, k, attn_bias, temperature, cosine)  # [B, nW, heads, N, N]
         batch, length, channels = grad_out.shape
         tokens = ctx.window * ctx.window
         grad_o = grad_out.to(qkv.dtype).view(batch, length // tokens, tokens, ctx.num_heads,
@@ -183,18 +193,21 @@ class _WindowAttention(torch.autograd.Function):
             grad_k = (grad_k_unit - k_unit * (grad_k_unit * k_unit).sum(-1, keepdim=True)) / k_norm
         # [3, B, nW, heads, N, head_dim] -> the projection's layout [B, nW * N, 3 * heads * head_dim]
         grad_qkv = torch.stack((grad_q, grad_k, grad_v), dim=0).permute(1, 2, 4, 0, 3, 5).reshape(qkv.shape)
-        return grad_qkv, grad_bias, grad_logit_scale, None, None, None
+        return grad_qkv, grad_bias, grad_logit_scale, None, None, None, None
 
 
 def window_attention(qkv: torch.Tensor, attn_bias: torch.Tensor, logit_scale: torch.Tensor | None, scale: float,
-                     window: int, num_heads: int) -> torch.Tensor:
+                     window: int, num_heads: int, keep_probs: bool = False) -> torch.Tensor:
     """Training-time window attention storing only `qkv` for backward.
 
     qkv: `[B, num_windows * N, 3C]` (the projection); attn_bias: `[num_windows or 1, heads, N, N]`;
     logit_scale: v2's `[heads, 1, 1]` (cosine attention) or None (v1: dot product times `scale`).
     Returns `[B, num_windows * N, C]`. Under autocast it runs in qkv's dtype with an fp32 softmax.
+    `keep_probs` also stores the probabilities (`[B, num_windows, heads, N, N]`) instead of
+    recomputing them in backward: for callers that bound the batch (recomputation's slices).
     """
+    args = (qkv, attn_bias, logit_scale, scale, window, num_heads, keep_probs)
     if _autocast_dtype(qkv.device.type) is None:
-        return _WindowAttention.apply(qkv, attn_bias, logit_scale, scale, window, num_heads)
+        return _WindowAttention.apply(*args)
     with torch.autocast(qkv.device.type, enabled=False):
-        return _WindowAttention.apply(qkv, attn_bias, logit_scale, scale, window, num_heads)
+        return _WindowAttention.apply(*args)

@@ -8,7 +8,10 @@ instead (every Swin block treats images independently: LayerNorm over channels, 
 within windows, drop path per sample), so what recomputation adds is bounded by the slice,
 not the batch. Forward and recomputation both run the block's own forward (`forward_stored`,
 the definition with the lean kernels installed), so the recomputed output equals the first one bit
-for bit.
+for bit. While a recomputation runs (`recomputing()`), the lean kernels may skip work whose result
+backward never reads: the slice is small, so attention keeps its probabilities instead of
+computing them a third time, and v1's last matmul (fc2) is not run at all (its gradients come
+from its input, `g^T gelu(h)`; the recomputed block output's values are never read, only its graph).
 
 Results equal plain training: drop-path masks are drawn once for the batch, in the order the
 plain forward draws them, and reused by every slice; the autocast state of the forward is
@@ -18,6 +21,8 @@ differs (fp32 rounding). Blocks with dropout inside fall back to `torch.utils.ch
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .allocator import reuse_freed_memory
@@ -25,6 +30,24 @@ from .allocator import reuse_freed_memory
 # A slice holds about this many block-input elements (tokens x channels): ~4 MB of fp32 per tensor
 # of the block's width; recomputing it materialises ~20 such tensors (qkv, fc1's 4C output, grads).
 SLICE_ELEMENTS = 1 << 20
+
+
+_recomputing = False  # set only inside _RecomputeBlock.backward's slice loop
+
+
+def recomputing() -> bool:
+    """Whether the block forward now running is a recomputation inside backward."""
+    return _recomputing
+
+
+@contextmanager
+def _recomputation():
+    global _recomputing
+    previous, _recomputing = _recomputing, True
+    try:
+        yield
+    finally:
+        _recomputing = previous
 
 
 def slice_images(tokens_per_image: int, channels: int, elements: int | None = None) -> int:
@@ -73,7 +96,8 @@ class _RecomputeBlock(torch.autograd.Function):
             for start in range(0, x.shape[0], ctx.step):
                 end = min(start + ctx.step, x.shape[0])
                 part = x[start:end].detach().requires_grad_(wants_x)
-                with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+                with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled), \
+                        _recomputation():
                     out = ctx.block.forward_stored(part, mask, _slice(keep, start, end))
                 found = list(torch.autograd.grad(out, ([part] if wants_x else []) + params, grad_out[start:end],
                                                  allow_unused=True))
