@@ -42,7 +42,7 @@ def test_linear_and_its_gradients_match_float64():
         assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_fast_linear_autograd_matches_f_linear():
+def test_linear_autograd_matches_f_linear():
     torch.manual_seed(1)
     rows, inner, outer = SHAPE
     x = torch.randn(rows, inner, requires_grad=True)

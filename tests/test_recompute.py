@@ -116,7 +116,7 @@ def test_dropout_falls_back_to_whole_batch_checkpointing():
 
 
 def test_slice_loops_hand_freed_memory_back():
-    """Under return_freed_memory, memory freed inside reuse_freed_memory() goes back on leaving it."""
+    """Under returning_freed_memory, memory freed inside reuse_freed_memory() goes back on leaving it."""
     code = textwrap.dedent("""
         import torch
         from swinkit.train.lean import allocator

@@ -105,7 +105,7 @@ def export_onnx(model_or_weights: SwinTransformer | str | os.PathLike, out: str 
     if "hw" not in axes:
         log.warning("exporting %s with height and width fixed at %s (add 'hw' to dynamic for any size)",
                     source, "x".join(map(str, model.config.img_size)))
-    fast = FastSwin(model, use_onednn=False)  # plain ops: oneDNN calls do not export
+    fast = FastSwin(model, use_onednn=False, split_qkv=True)  # plain ops: oneDNN calls do not export
     fast.symbolic_sizes = True
     example = torch.randn(2 if "batch" in axes else 1, model.config.in_chans, *model.config.img_size)
     shapes: dict[int, torch.export.Dim] = {}

@@ -144,11 +144,17 @@ class FrozenWindowAttention:
     def attention_bias(self, attn_bias: torch.Tensor) -> torch.Tensor:
         return attn_bias
 
+    split_qkv = False  # three projections (ONNX export: three Gemms whose weights INT8 finds, no Split)
+
     def project_qkv(self, x):
-        qkv = self.qkv
-        if qkv.use_onednn:
-            return onednn.linear(x, qkv.weight, self.frozen_qkv_bias)
-        return F.linear(x.reshape(-1, x.shape[-1]), qkv.weight, self.frozen_qkv_bias).view(*x.shape[:-1], -1)
+        weight, bias = self.qkv.weight, self.frozen_qkv_bias
+        if self.split_qkv:
+            rows = x.reshape(-1, x.shape[-1])
+            return tuple(F.linear(rows, w, b).view(*x.shape[:-1], -1)
+                         for w, b in zip(weight.chunk(3), bias.chunk(3)))
+        if self.qkv.use_onednn:
+            return onednn.linear(x, weight, bias).chunk(3, dim=-1)
+        return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1).chunk(3, dim=-1)
 
     def relative_position_bias(self):
         return self.frozen_bias
@@ -188,7 +194,7 @@ class FastSwin(nn.Module):
     max_cached_sizes = 8
     symbolic_sizes = False  # set while exporting with dynamic height/width: constants are built in-graph
 
-    def __init__(self, model: SwinTransformer, *, use_onednn: bool | None = None):
+    def __init__(self, model: SwinTransformer, *, use_onednn: bool | None = None, split_qkv: bool = False):
         super().__init__()
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.config = model.config
@@ -202,6 +208,7 @@ class FastSwin(nn.Module):
                 specialise(module, FastMlp)
             elif isinstance(module, WindowAttention):
                 specialise(module, FrozenWindowAttention).freeze()
+                module.split_qkv = split_qkv
         self.windows = [stage.window for stage in self.model.layers]
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self.eval()

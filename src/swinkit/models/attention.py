@@ -56,12 +56,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
     return torch.matmul(probs, v)
 
 
-def split_heads(qkv: torch.Tensor, window: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv projection `[B, num_windows * N, 3C]` -> q, k, v `[B, num_windows, heads, N, head_dim]` (views)."""
-    batch, length, channels3 = qkv.shape
+def split_heads(x: torch.Tensor, window: int, num_heads: int) -> torch.Tensor:
+    """`[B, num_windows * N, C]` -> `[B, num_windows, heads, N, head_dim]` (a view; `x` may be a slice
+    of a fused qkv projection)."""
+    batch, length, channels = x.shape
     tokens = window * window
-    qkv = qkv.view(batch, length // tokens, tokens, 3, num_heads, channels3 // (3 * num_heads))
-    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+    return x.view(batch, length // tokens, tokens, num_heads, channels // num_heads).transpose(2, 3)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -163,22 +163,23 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.attend(self.project_qkv(x), self.attention_bias(mask))))
+        q, k, v = self.project_qkv(x)
+        return self.proj_drop(self.proj(self.attend(q, k, v, self.attention_bias(mask))))
 
     def attention_bias(self, mask: torch.Tensor | None) -> torch.Tensor:
         """Position bias plus mask, `[num_windows or 1, heads, N, N]` (no batch dimension)."""
         bias = self.relative_position_bias().unsqueeze(0)
         return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
 
-    def attend(self, qkv: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
-        """qkv projection `[B, num_windows * N, 3C]` -> attention output `[B, num_windows * N, C]`."""
-        q, k, v = split_heads(qkv, self.window, self.num_heads)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        """q, k, v `[B, num_windows * N, C]` -> attention output `[B, num_windows * N, C]`."""
+        q, k, v = (split_heads(t, self.window, self.num_heads) for t in (q, k, v))
         dropout = self.attn_drop if self.training else 0.0
         return merge_heads(window_attention(q, k, v, attn_bias, self.temperature(), self.cosine, dropout))
 
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, L, C]` -> `[B, L, 3C]`."""
-        return F.linear(x, self.qkv.weight, self.qkv_bias())
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[B, L, C]` -> q, k, v `[B, L, C]`: slices of one fused projection."""
+        return F.linear(x, self.qkv.weight, self.qkv_bias()).chunk(3, dim=-1)
 
     def qkv_bias(self) -> torch.Tensor | None:
         raise NotImplementedError

@@ -69,16 +69,14 @@ class LeanWindowAttention:
     """Window attention keeping only the qkv projection for backward."""
 
     def project_qkv(self, x):
-        return linear_autograd(x, self.qkv.weight, self.qkv_bias())
+        return linear_autograd(x, self.qkv.weight, self.qkv_bias()).chunk(3, dim=-1)
 
-    def attend(self, qkv, attn_bias):
+    def attend(self, q, k, v, attn_bias):
         if self.training and self.attn_drop > 0:  # the lean kernel has no dropout
-            return super().attend(qkv, attn_bias)
+            return super().attend(q, k, v, attn_bias)
         keep_probs = recomputing()  # a slice of the batch: keep the probabilities, not a third softmax
-        if self.cosine:
-            return kernels.window_attention(qkv, attn_bias, self.logit_scale, 1.0, self.window, self.num_heads,
-                                            keep_probs)
-        return kernels.window_attention(qkv, attn_bias, None, self.temperature(), self.window, self.num_heads,
+        logit_scale, scale = (self.logit_scale, 1.0) if self.cosine else (None, self.temperature())
+        return kernels.window_attention(q, k, v, attn_bias, logit_scale, scale, self.window, self.num_heads,
                                         keep_probs)
 
 

@@ -141,41 +141,38 @@ def mlp_branch(x: torch.Tensor, norm: torch.nn.LayerNorm, mlp, pre_norm: bool, s
 
 
 class _WindowAttention(torch.autograd.Function):
-    """`models.attention.window_attention` on a qkv projection in window layout, storing only the
-    projection: the probabilities (and v2's normalised q, k) are recomputed in backward."""
+    """`models.attention.window_attention` on q, k, v in window layout (slices of one projection),
+    storing only them: the probabilities (and v2's normalised q, k) are recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, qkv, attn_bias, logit_scale, scale: float, window: int, num_heads: int, keep_probs: bool):
+    def forward(ctx, q, k, v, attn_bias, logit_scale, scale: float, window: int, num_heads: int, keep_probs: bool):
         temperature = scale if logit_scale is None else logit_scale.clamp(max=LOG_MAX_TEMPERATURE).exp()
-        q, k, v = split_heads(qkv, window, num_heads)
-        probs = attention_probs(q, k, attn_bias, temperature, logit_scale is not None)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(qkv, attn_bias, logit_scale, probs if keep_probs else None)
+        heads_q, heads_k, heads_v = (split_heads(t, window, num_heads) for t in (q, k, v))
+        probs = attention_probs(heads_q, heads_k, attn_bias, temperature, logit_scale is not None)
+        out = torch.matmul(probs, heads_v)
+        ctx.save_for_backward(q, k, v, attn_bias, logit_scale, probs if keep_probs else None)
         ctx.scale, ctx.window, ctx.num_heads = scale, window, num_heads
         return merge_heads(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, attn_bias, logit_scale, probs = ctx.saved_tensors
+        q, k, v, attn_bias, logit_scale, probs = ctx.saved_tensors
         cosine = logit_scale is not None
         temperature = logit_scale.clamp(max=LOG_MAX_TEMPERATURE).exp() if cosine else ctx.scale
-        q, k, v = split_heads(qkv, ctx.window, ctx.num_heads)
+        q, k, v = (split_heads(t, ctx.window, ctx.num_heads) for t in (q, k, v))
         if probs is None:
             probs = attention_probs(q, k, attn_bias, temperature, cosine)  # [B, nW, heads, N, N]
-        batch, length, channels = grad_out.shape
-        tokens = ctx.window * ctx.window
-        grad_o = grad_out.to(qkv.dtype).view(batch, length // tokens, tokens, ctx.num_heads,
-                                             channels // ctx.num_heads).permute(0, 1, 3, 2, 4)
+        grad_o = split_heads(grad_out.to(q.dtype), ctx.window, ctx.num_heads)
         grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
         grad_probs = torch.matmul(grad_o, v.transpose(-2, -1))
-        softmax_dtype = torch.promote_types(qkv.dtype, torch.float32)
+        softmax_dtype = torch.promote_types(q.dtype, torch.float32)
         grad_scores = aten._softmax_backward_data(grad_probs.to(softmax_dtype), probs.to(softmax_dtype), -1,
                                                   softmax_dtype)
         grad_bias = grad_scores.sum(0)  # [nW, heads, N, N]
         if attn_bias.shape[0] == 1:
             grad_bias = grad_bias.sum(0, keepdim=True)
         grad_bias = grad_bias.to(attn_bias.dtype)
-        grad_scores = grad_scores.to(qkv.dtype)
+        grad_scores = grad_scores.to(q.dtype)
         grad_logit_scale = None
         if not cosine:
             grad_q = torch.matmul(grad_scores, k) * ctx.scale
@@ -184,30 +181,31 @@ class _WindowAttention(torch.autograd.Function):
             q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             q_unit, k_unit = q / q_norm, k / k_norm
-            grad_q_unit = torch.matmul(grad_scores, k_unit) * temperature.to(qkv.dtype)
-            grad_k_unit = torch.matmul(grad_scores.transpose(-2, -1), q_unit) * temperature.to(qkv.dtype)
+            grad_q_unit = torch.matmul(grad_scores, k_unit) * temperature.to(q.dtype)
+            grad_k_unit = torch.matmul(grad_scores.transpose(-2, -1), q_unit) * temperature.to(q.dtype)
             grad_temperature = (grad_q_unit * q_unit).to(temperature.dtype).sum(dim=(0, 1, 3, 4))
             grad_temperature = grad_temperature.view_as(temperature) / temperature
             grad_logit_scale = grad_temperature * temperature * (logit_scale <= LOG_MAX_TEMPERATURE)
             grad_q = (grad_q_unit - q_unit * (grad_q_unit * q_unit).sum(-1, keepdim=True)) / q_norm
             grad_k = (grad_k_unit - k_unit * (grad_k_unit * k_unit).sum(-1, keepdim=True)) / k_norm
-        # [3, B, nW, heads, N, head_dim] -> the projection's layout [B, nW * N, 3 * heads * head_dim]
-        grad_qkv = torch.stack((grad_q, grad_k, grad_v), dim=0).permute(1, 2, 4, 0, 3, 5).reshape(qkv.shape)
-        return grad_qkv, grad_bias, grad_logit_scale, None, None, None, None
+        return (merge_heads(grad_q), merge_heads(grad_k), merge_heads(grad_v), grad_bias, grad_logit_scale,
+                None, None, None, None)
 
 
-def window_attention(qkv: torch.Tensor, attn_bias: torch.Tensor, logit_scale: torch.Tensor | None, scale: float,
-                     window: int, num_heads: int, keep_probs: bool = False) -> torch.Tensor:
-    """Training-time window attention storing only `qkv` for backward.
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor,
+                     logit_scale: torch.Tensor | None, scale: float, window: int, num_heads: int,
+                     keep_probs: bool = False) -> torch.Tensor:
+    """Training-time window attention storing only q, k and v for backward (as slices of one
+    projection they share one storage).
 
-    qkv: `[B, num_windows * N, 3C]` (the projection); attn_bias: `[num_windows or 1, heads, N, N]`;
+    q, k, v: `[B, num_windows * N, C]`; attn_bias: `[num_windows or 1, heads, N, N]`;
     logit_scale: v2's `[heads, 1, 1]` (cosine attention) or None (v1: dot product times `scale`).
-    Returns `[B, num_windows * N, C]`. Under autocast it runs in qkv's dtype with an fp32 softmax.
+    Returns `[B, num_windows * N, C]`. Under autocast it runs in q's dtype with an fp32 softmax.
     `keep_probs` also stores the probabilities (`[B, num_windows, heads, N, N]`) instead of
     recomputing them in backward: for callers that bound the batch (recomputation's slices).
     """
-    args = (qkv, attn_bias, logit_scale, scale, window, num_heads, keep_probs)
-    if _autocast_dtype(qkv.device.type) is None:
+    args = (q, k, v, attn_bias, logit_scale, scale, window, num_heads, keep_probs)
+    if _autocast_dtype(q.device.type) is None:
         return _WindowAttention.apply(*args)
-    with torch.autocast(qkv.device.type, enabled=False):
+    with torch.autocast(q.device.type, enabled=False):
         return _WindowAttention.apply(*args)
