@@ -39,8 +39,11 @@ from .registry import SwinConfig, shift_size
 
 
 class SwinBlock(nn.Module):
-    """One (optionally shifted) window-attention block plus MLP, on tokens in window layout:
-    `[B, num_windows * N, C]` (+ mask `[num_windows, N, N]`) -> same shape and layout.
+    """One (optionally shifted) window-attention block plus MLP. `[B, H, W, C]` -> `[B, H, W, C]`.
+
+    `forward` moves the map into the block's window layout (`to_windows`: pad, roll by `shift`,
+    cut into windows), runs `forward_windows` there and moves it back; `forward_windows` is the
+    computation, on tokens `[B, num_windows * N, C]` (+ mask `[num_windows, N, N]`):
 
     v1: x + attn(norm1(x)), then x + mlp(norm2(x))   (pre-norm)
     v2: x + norm1(attn(x)), then x + norm2(mlp(x))   (residual post-norm)
@@ -64,8 +67,14 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_masks: tuple = (None, None)
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0), mask: torch.Tensor | None = None,
+                drop_masks: tuple = (None, None)) -> torch.Tensor:
+        height, width = x.shape[1], x.shape[2]
+        tokens = self.forward_windows(to_windows(x, self.window, shift), mask, drop_masks)
+        return from_windows(tokens, self.window, shift, height, width)
+
+    def forward_windows(self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_masks: tuple = (None, None)
+                        ) -> torch.Tensor:
         x = x + self.drop_path1(self.attention_branch(x, mask), drop_masks[0])
         return x + self.drop_path2(self.mlp_branch(x), drop_masks[1])
 
@@ -80,8 +89,10 @@ class SwinBlock(nn.Module):
         return self.norm2(self.mlp(x))
 
     def drop_path_masks(self, x: torch.Tensor) -> tuple:
-        """Both residual branches' drop-path masks for a batch like `x`, drawn in forward's order."""
-        return self.drop_path1.new_mask(x), self.drop_path2.new_mask(x)
+        """Both residual branches' drop-path masks (`[B, 1, 1]`, for the window layout) for a batch like
+        the map `x`, drawn in forward's order."""
+        tokens = x.flatten(1, 2)
+        return self.drop_path1.new_mask(tokens), self.drop_path2.new_mask(tokens)
 
     def has_dropout(self) -> bool:
         """Elementwise dropout anywhere in the block (attention, projection or MLP)."""
@@ -91,7 +102,7 @@ class SwinBlock(nn.Module):
 class SwinStage(nn.Module):
     """Optional patch merging, then `depth` blocks alternating plain and shifted windows.
 
-    `[B, H, W, C_in]` -> `[B, H', W', C_out]`. Each block sees the map in its window layout
+    `[B, H, W, C_in]` -> `[B, H', W', C_out]`. Each block works on the map in its window layout
     (`layers.to_windows`: padded, rolled by its shift, cut into windows); masks depend only on the
     map size, so they are built once per size and cached.
     """
@@ -131,12 +142,10 @@ class SwinStage(nn.Module):
         height, width = x.shape[1], x.shape[2]
         for block, shift in zip(self.blocks, self.block_shifts(height, width)):
             mask = self.attention_mask(height, width, shift, x.device)
-            tokens = to_windows(x, self.window, shift)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, mask, use_reentrant=False)
+                x = checkpoint(block, x, shift, mask, use_reentrant=False)
             else:
-                tokens = block(tokens, mask)
-            x = from_windows(tokens, self.window, shift, height, width)
+                x = block(x, shift, mask)
         return x
 
     def _apply(self, fn, *args, **kwargs):

@@ -43,16 +43,17 @@ class LeanBlock:
 
     recompute_mode = "none"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_masks: tuple = (None, None)):
+    def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0), mask: torch.Tensor | None = None,
+                drop_masks: tuple = (None, None)):
         if self.recompute_mode != "full" or not torch.is_grad_enabled():
-            return self.forward_stored(x, mask, drop_masks)
+            return self.forward_stored(x, shift, mask, drop_masks)
         if self.training and self.has_dropout():  # elementwise masks cannot be re-drawn per slice
-            return checkpoint(self.forward_stored, x, mask, drop_masks, use_reentrant=False)
-        return recompute_block(self, x, mask)
+            return checkpoint(self.forward_stored, x, shift, mask, drop_masks, use_reentrant=False)
+        return recompute_block(self, x, shift, mask)
 
-    def forward_stored(self, x, mask=None, drop_masks=(None, None)):
+    def forward_stored(self, x, shift=(0, 0), mask=None, drop_masks=(None, None)):
         """The definition's forward with the lean kernels: what "full" recomputation repeats."""
-        return super().forward(x, mask, drop_masks)
+        return super().forward(x, shift, mask, drop_masks)
 
     def attention_branch(self, x, mask):
         if self.recompute_mode == "selective" and torch.is_grad_enabled():

@@ -57,26 +57,26 @@ def slice_images(tokens_per_image: int, channels: int, elements: int | None = No
 
 
 class _RecomputeBlock(torch.autograd.Function):
-    """forward(block, mask, x, *params) -> block(x), saving x (and drop-path masks) only.
+    """forward(block, shift, mask, x, *params) -> block(x, shift, mask), saving x (and drop-path masks) only.
 
     The parameters are inputs so that autograd hands out their gradients once per step, summed
     over the slices (what DDP's gradient hooks expect)."""
 
     @staticmethod
-    def forward(ctx, block, mask, x, *params):
+    def forward(ctx, block, shift, mask, x, *params):
         device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         keep = block.drop_path_masks(x)
         step = slice_images(x[0].numel() // x.shape[-1], x.shape[-1])
         if step >= x.shape[0]:
-            out = block.forward_stored(x, mask, keep)
+            out = block.forward_stored(x, shift, mask, keep)
         else:
             out = torch.empty_like(x)  # slices' temporaries are reused, the output is not
             with reuse_freed_memory():
                 for start in range(0, x.shape[0], step):
                     end = min(start + step, x.shape[0])
-                    out[start:end] = block.forward_stored(x[start:end], mask, _slice(keep, start, end))
-        ctx.block, ctx.step = block, step
+                    out[start:end] = block.forward_stored(x[start:end], shift, mask, _slice(keep, start, end))
+        ctx.block, ctx.shift, ctx.step = block, shift, step
         ctx.has_keep = [k is not None for k in keep]
         ctx.save_for_backward(x, mask, *(k for k in keep if k is not None))
         return out
@@ -87,7 +87,7 @@ class _RecomputeBlock(torch.autograd.Function):
         kept = iter(kept)
         keep = tuple(next(kept) if has else None for has in ctx.has_keep)
         params = [p for p in ctx.block.parameters() if p.requires_grad]  # the order forward was given
-        wants_x = ctx.needs_input_grad[2]
+        wants_x = ctx.needs_input_grad[3]
         # Allocated before the slice loop's heap reuse: it outlives the loop.
         grad_x = torch.empty_like(x) if wants_x else None
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -98,7 +98,7 @@ class _RecomputeBlock(torch.autograd.Function):
                 part = x[start:end].detach().requires_grad_(wants_x)
                 with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled), \
                         _recomputation():
-                    out = ctx.block.forward_stored(part, mask, _slice(keep, start, end))
+                    out = ctx.block.forward_stored(part, ctx.shift, mask, _slice(keep, start, end))
                 found = list(torch.autograd.grad(out, ([part] if wants_x else []) + params, grad_out[start:end],
                                                  allow_unused=True))
                 if wants_x:
@@ -107,15 +107,15 @@ class _RecomputeBlock(torch.autograd.Function):
                     if grad is not None:
                         grads[i] = grad if grads[i] is None else grads[i].add_(grad)
                 del out, found
-        return (None, None, grad_x, *grads)
+        return (None, None, None, grad_x, *grads)
 
 
 def _slice(keep, start: int, end: int):
     return tuple(None if k is None else k[start:end] for k in keep)
 
 
-def recompute_block(block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`block(x, mask)` keeping only `x` for backward (see the module docstring). The block provides
-    `drop_path_masks(x)` and `forward_stored(x, mask, drop_masks)`."""
+def recompute_block(block, x: torch.Tensor, shift, mask: torch.Tensor | None) -> torch.Tensor:
+    """`block(x, shift, mask)` keeping only `x` for backward (see the module docstring). The block
+    provides `drop_path_masks(x)` and `forward_stored(x, shift, mask, drop_masks)`."""
     params = [p for p in block.parameters() if p.requires_grad]
-    return _RecomputeBlock.apply(block, mask, x, *params)
+    return _RecomputeBlock.apply(block, shift, mask, x, *params)
