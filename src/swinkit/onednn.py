@@ -33,10 +33,13 @@ def uses_onednn(op: str, macs: int, *tensors: torch.Tensor) -> bool:
     every tensor is on the CPU in a dtype oneDNN runs for that op, oneDNN is available, and no
     tracer/exporter is running (they must see plain ops)."""
     dtypes = DTYPES[op]
-    return (not tracing() and macs >= MIN_MACS
+    if torch.jit.is_tracing():  # sizes are tensors there; the tracer must see plain ops
+        return False
+    return (macs >= MIN_MACS  # first: small problems (most calls of a tiny model) stop here
             and all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and (tensors[0].dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+            and (tensors[0].dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and not tracing())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False

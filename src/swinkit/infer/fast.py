@@ -1,6 +1,6 @@
 """Frozen fast inference path: `optimize_for_inference(model)` -> `FastSwin` (eval only).
 
-The fast model runs the same block definition as the eval model (`models.swin.SwinBlock.forward_windows`,
+The fast model runs the same block definition as the eval model (`models.swin.SwinBlock.forward_tokens`,
 `models.attention.window_attention`); what changes is how (outputs agree within 1e-4 in fp32):
 
 * Every constant is computed once (the policy `FrozenWindowAttention`): v1's bias table is
@@ -308,7 +308,7 @@ class FastSwin(nn.Module):
             for block, block_plan in zip(stage.blocks, stage_plan.blocks):
                 if block_plan.gather is not None:
                     x = x.index_select(1, block_plan.gather)
-                x = block.forward_windows(x, block_plan.attn_bias)
+                x = block.forward_tokens(x, block_plan.attn_bias)
         x = model.norm(x)
         if plan.real_slots is None:
             x = x.mean(dim=1)

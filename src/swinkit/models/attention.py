@@ -153,12 +153,16 @@ class WindowAttention(nn.Module):
 
     cosine = False
 
-    def __init__(self, dim: int, num_heads: int, window: int, attn_drop: float, proj_drop: float):
+    def __init__(self, dim: int, num_heads: int, window: int, attn_drop: float):
         super().__init__()
         self.num_heads = num_heads
         self.window = window
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
+
+    def _output_projection(self, dim: int, proj_drop: float) -> None:
+        # Registered after the subclass's own parameters: the official/timm order, so a seeded
+        # init draws the same weights as theirs.
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -196,11 +200,12 @@ class WindowAttentionV1(WindowAttention):
 
     def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__(dim, num_heads, window, attn_drop, proj_drop)
+        super().__init__(dim, num_heads, window, attn_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index((window, window)).flatten(),
                              persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self._output_projection(dim, proj_drop)
 
     def qkv_bias(self) -> torch.Tensor | None:
         return self.qkv.bias
@@ -223,7 +228,7 @@ class WindowAttentionV2(WindowAttention):
 
     def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pretrained_window: int = 0):
-        super().__init__(dim, num_heads, window, attn_drop, proj_drop)
+        super().__init__(dim, num_heads, window, attn_drop)
         self.pretrained_window = pretrained_window
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
@@ -234,6 +239,7 @@ class WindowAttentionV2(WindowAttention):
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = self.v_bias = None
+        self._output_projection(dim, proj_drop)
         self.register_buffer("relative_coords_table",
                              relative_coords_table((window, window), (pretrained_window, pretrained_window)),
                              persistent=False)

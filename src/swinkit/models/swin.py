@@ -38,17 +38,22 @@ from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, from_windows, to_wi
 from .registry import SwinConfig, shift_size
 
 
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class SwinBlock(nn.Module):
     """One (optionally shifted) window-attention block plus MLP. `[B, H, W, C]` -> `[B, H, W, C]`.
-
-    `forward` moves the map into the block's window layout (`to_windows`: pad, roll by `shift`,
-    cut into windows), runs `forward_windows` there and moves it back; `forward_windows` is the
-    computation, on tokens `[B, num_windows * N, C]` (+ mask `[num_windows, N, N]`):
 
     v1: x + attn(norm1(x)), then x + mlp(norm2(x))   (pre-norm)
     v2: x + norm1(attn(x)), then x + norm2(mlp(x))   (residual post-norm)
 
-    `drop_masks` replays drop-path masks drawn earlier by `drop_path_masks` (None: draw here).
+    Everything but attention is per token; attention runs on the block's window layout
+    (`to_windows`: padded, rolled by `shift`, cut into windows; mask `[num_windows, N, N]`).
+    `forward_tokens` is the computation for tokens in any layout, given how to move attention's
+    input there and back; `forward` gives it the map's (the fast path keeps whole stages in
+    window layout and passes none). `drop_masks` replays drop-path masks drawn earlier by
+    `drop_path_masks` (None: draw here).
     """
 
     def __init__(self, dim: int, num_heads: int, window: int, version: int, mlp_ratio: float = 4.0,
@@ -70,18 +75,22 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor, shift: tuple[int, int] = (0, 0), mask: torch.Tensor | None = None,
                 drop_masks: tuple = (None, None)) -> torch.Tensor:
         height, width = x.shape[1], x.shape[2]
-        tokens = self.forward_windows(to_windows(x, self.window, shift), mask, drop_masks)
-        return from_windows(tokens, self.window, shift, height, width)
+        layout = (lambda t: to_windows(t, self.window, shift),
+                  lambda t: from_windows(t, self.window, shift, height, width))
+        return self.forward_tokens(x, mask, drop_masks, layout)
 
-    def forward_windows(self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_masks: tuple = (None, None)
-                        ) -> torch.Tensor:
-        x = x + self.drop_path1(self.attention_branch(x, mask), drop_masks[0])
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_masks: tuple = (None, None),
+                       layout: tuple | None = None) -> torch.Tensor:
+        """`layout`: (into window layout, back) for attention's input and output; None: `x` is in it."""
+        x = x + self.drop_path1(self.attention_branch(x, mask, layout), drop_masks[0])
         return x + self.drop_path2(self.mlp_branch(x), drop_masks[1])
 
-    def attention_branch(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attention_branch(self, x: torch.Tensor, mask: torch.Tensor | None, layout: tuple | None = None
+                         ) -> torch.Tensor:
+        into, back = layout or (_same, _same)
         if self.version == 1:
-            return self.attn(self.norm1(x), mask)
-        return self.norm1(self.attn(x, mask))
+            return back(self.attn(into(self.norm1(x)), mask))
+        return self.norm1(back(self.attn(into(x), mask)))
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == 1:
@@ -89,10 +98,8 @@ class SwinBlock(nn.Module):
         return self.norm2(self.mlp(x))
 
     def drop_path_masks(self, x: torch.Tensor) -> tuple:
-        """Both residual branches' drop-path masks (`[B, 1, 1]`, for the window layout) for a batch like
-        the map `x`, drawn in forward's order."""
-        tokens = x.flatten(1, 2)
-        return self.drop_path1.new_mask(tokens), self.drop_path2.new_mask(tokens)
+        """Both residual branches' drop-path masks for a batch like `x`, drawn in forward's order."""
+        return self.drop_path1.new_mask(x), self.drop_path2.new_mask(x)
 
     def has_dropout(self) -> bool:
         """Elementwise dropout anywhere in the block (attention, projection or MLP)."""

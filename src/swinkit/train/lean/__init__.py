@@ -55,10 +55,10 @@ class LeanBlock:
         """The definition's forward with the lean kernels: what "full" recomputation repeats."""
         return super().forward(x, shift, mask, drop_masks)
 
-    def attention_branch(self, x, mask):
+    def attention_branch(self, x, mask, layout=None):
         if self.recompute_mode == "selective" and torch.is_grad_enabled():
-            return checkpoint(super().attention_branch, x, mask, use_reentrant=False)
-        return super().attention_branch(x, mask)
+            return checkpoint(super().attention_branch, x, mask, layout, use_reentrant=False)
+        return super().attention_branch(x, mask, layout)
 
     def mlp_branch(self, x):
         if self.training and self.mlp.drop.p > 0:  # the lean kernel has no dropout
