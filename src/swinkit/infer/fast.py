@@ -156,9 +156,6 @@ class FrozenWindowAttention:
             return onednn.linear(x, weight, bias).chunk(3, dim=-1)
         return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1).chunk(3, dim=-1)
 
-    def relative_position_bias(self):
-        return self.frozen_bias
-
     def temperature(self):
         return 1.0 if not self.cosine else self.frozen_temperature
 
