@@ -91,6 +91,15 @@ def merge_index(source_slots: torch.Tensor, source_hw, layout: torch.Tensor, mer
 
 
 # ------------------------------------------------------------------------------------- the policy
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_onednn: bool,
+           gelu: bool = False) -> torch.Tensor:
+    """`x @ weight.T + bias` over the last dim: oneDNN (GELU fused when asked), or `F.linear` on 2-D
+    tokens, which ONNX Runtime fuses into one Gemm (GELU then left to the caller)."""
+    if use_onednn:
+        return onednn.linear(x, weight, bias, gelu=gelu)
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
 class FastLinear:
     """`nn.Linear` for inference: oneDNN where `onednn.uses_onednn` allows it (and the owner allows
     oneDNN), else `F.linear` on 2-D tokens; `gelu=True` fuses the activation."""
@@ -98,9 +107,9 @@ class FastLinear:
     use_onednn = True
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        if self.use_onednn:
-            return onednn.linear(x, self.weight, self.bias, gelu=gelu)
-        out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        out = _dense(x, self.weight, self.bias, self.use_onednn, gelu)
+        if gelu and self.use_onednn:
+            return out
         if gelu and torch.onnx.is_in_onnx_export():
             # Written in the order ONNX Runtime's GeluFusion matches (opset < 20 has no Gelu op).
             return (out * 0.5) * (torch.erf(out / math.sqrt(2.0)) + 1.0)
@@ -137,24 +146,23 @@ class FrozenWindowAttention:
             self.register_buffer("frozen_temperature", temperature.detach().clone(), persistent=False)
 
     def frozen_attention_bias(self, mask: torch.Tensor | None) -> torch.Tensor:
-        """What the block receives in place of `mask`: `[num_windows or 1, heads, N, N]`."""
-        bias = self.frozen_bias.unsqueeze(0)
-        return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
+        """What the block receives in place of `mask`: the plain module's `attention_bias` of the
+        frozen position bias, `[num_windows or 1, heads, N, N]`."""
+        return WindowAttention.attention_bias(self, mask)
 
     def attention_bias(self, attn_bias: torch.Tensor) -> torch.Tensor:
         return attn_bias
 
+    def relative_position_bias(self) -> torch.Tensor:
+        return self.frozen_bias
+
     split_qkv = False  # three projections (ONNX export: three Gemms whose weights INT8 finds, no Split)
 
     def project_qkv(self, x):
-        weight, bias = self.qkv.weight, self.frozen_qkv_bias
+        weight, bias, use_onednn = self.qkv.weight, self.frozen_qkv_bias, self.qkv.use_onednn
         if self.split_qkv:
-            rows = x.reshape(-1, x.shape[-1])
-            return tuple(F.linear(rows, w, b).view(*x.shape[:-1], -1)
-                         for w, b in zip(weight.chunk(3), bias.chunk(3)))
-        if self.qkv.use_onednn:
-            return onednn.linear(x, weight, bias).chunk(3, dim=-1)
-        return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1).chunk(3, dim=-1)
+            return tuple(_dense(x, w, b, use_onednn) for w, b in zip(weight.chunk(3), bias.chunk(3)))
+        return _dense(x, weight, bias, use_onednn).chunk(3, dim=-1)
 
     def temperature(self):
         return 1.0 if not self.cosine else self.frozen_temperature
