@@ -6,6 +6,7 @@ detection -> `weights.layouts.to_native` -> `weights.resize.adapt_state_dict`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from .files import atomic_write, torch_save_atomic
 from .metadata import FORMAT_ENTRY, META_CONFIG, META_NAME, config_from_metadata, model_entries
 from .models.registry import MODELS, SwinConfig, get_config, name_for_config
+from .models.simmim import SimMIM
 from .models.swin import SwinTransformer
 from .weights import layouts
 from .weights.io import CheckpointError, read_checkpoint, write_safetensors
@@ -46,19 +48,27 @@ class Checkpoint:
     metadata: dict[str, str]
     config: SwinConfig | None
     name: str | None
+    pretraining: dict[str, torch.Tensor] = field(default_factory=dict)  # SimMIM mask token + decoder, if any
 
 
 def _describe(source) -> str:
     return str(source) if isinstance(source, (str, Path)) else "<state dict>"
 
 
-def read_native(source: str | Path | Mapping[str, torch.Tensor]) -> Checkpoint:
-    """Read a file (any layout) or a state dict into the native layout. Nothing is built."""
+def read_native(source: str | Path | Mapping[str, torch.Tensor] | Checkpoint) -> Checkpoint:
+    """Read a file (any layout) or a state dict into the native layout. Nothing is built.
+    A SimMIM pre-training file gives its backbone, with the mask token and decoder in `pretraining`."""
+    if isinstance(source, Checkpoint):
+        return source
     label = _describe(source)
     if isinstance(source, Mapping):
         state_dict, metadata = dict(source), {}
     else:
         state_dict, metadata = read_checkpoint(source)
+    try:
+        state_dict, pretraining = layouts.split_pretraining(state_dict)
+    except ValueError as error:
+        raise CheckpointError(f"'{label}': {error}") from None
     if META_CONFIG in metadata:
         layout = "native"
     else:
@@ -71,7 +81,7 @@ def read_native(source: str | Path | Mapping[str, torch.Tensor]) -> Checkpoint:
     except ValueError as error:
         raise CheckpointError(f"'{label}' ({layout} layout) cannot be converted: {error}") from None
     config, name = _config_from_checkpoint(state_dict, metadata, layout, label)
-    return Checkpoint(label, layout, native, metadata, config, name)
+    return Checkpoint(label, layout, native, metadata, config, name, pretraining)
 
 
 def _config_from_checkpoint(state_dict, metadata, layout, label) -> tuple[SwinConfig | None, str | None]:
@@ -114,7 +124,8 @@ def _unique_registry_match(fields: dict) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def create_model(name: str | None = None, *, pretrained: str | Path | None = None, num_classes: int | None = None,
+def create_model(name: str | None = None, *, pretrained: str | Path | Checkpoint | None = None,
+                 num_classes: int | None = None,
                  img_size: int | tuple[int, int] | None = None, window_size: int | None = None,
                  in_chans: int | None = None, drop_path_rate: float | None = None,
                  **overrides) -> SwinTransformer:
@@ -164,7 +175,7 @@ def load_weights(model: SwinTransformer, source: str | Path | Mapping[str, torch
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     state_dict, notes = adapt_state_dict(state_dict, model)
     target = model.state_dict()
-    missing = sorted(k for k in set(target) - set(state_dict) if not k.startswith("head.fc."))
+    missing = sorted(k for k in set(target) - set(state_dict) if not k.startswith("head.fc.") and k != "mask_token")
     unexpected = sorted(set(state_dict) - set(target))
     mismatched = sorted(k for k in set(state_dict) & set(target) if state_dict[k].shape != target[k].shape)
     label = model.name or "the model"
@@ -177,6 +188,9 @@ def load_weights(model: SwinTransformer, source: str | Path | Mapping[str, torch
         raise CheckpointError("\n".join(lines))
     loadable = {k: v for k, v in state_dict.items() if k in target and k not in mismatched}
     model.load_state_dict(loadable, strict=False)
+    if checkpoint.pretraining:
+        notes.append(f"SimMIM pre-training tensors not used by the model ({', '.join(sorted(checkpoint.pretraining))}):"
+                     " dropped")
     if model.num_classes > 0 and "head.fc.weight" not in loadable:
         notes.append("the checkpoint has no usable classifier: the head keeps its fresh initialisation")
         log.warning("%s: no classifier weights for %s classes; the head is freshly initialised",
@@ -194,26 +208,38 @@ def model_metadata(model: SwinTransformer, extra: Mapping[str, str] | None = Non
     return {**model_entries(model.config, model.name), **(extra or {})}
 
 
-def save_weights(model: SwinTransformer, path: str | Path, *, layout: str = "native",
+def save_weights(model: SwinTransformer | SimMIM, path: str | Path, *, layout: str = "native",
                  metadata: Mapping[str, str] | None = None) -> Path:
     """Write the model's weights atomically. Native: safetensors with config metadata;
-    other layouts: the peer's own file form (see `write_layout`)."""
-    native = {k: v.detach() for k, v in model.state_dict().items()}  # buffers are non-persistent
-    return write_layout(native, path, layout, model.config, model_metadata(model, metadata))
+    other layouts: the peer's own file form (see `write_layout`). A `SimMIM` model is written as a
+    pre-training file (native, official or hf); `model.encoder` alone as a backbone."""
+    encoder = model.encoder if isinstance(model, SimMIM) else model
+    native = {k: v.detach() for k, v in encoder.state_dict().items()}  # buffers are non-persistent
+    pretraining = {}
+    if isinstance(model, SimMIM):
+        pretraining = {"mask_token": native.pop("mask_token"),
+                       **{f"decoder.{k}": v.detach() for k, v in model.decoder.state_dict().items()}}
+    else:
+        native.pop("mask_token", None)  # a classifier's file; the token is pre-training state
+    return write_layout(native, path, layout, encoder.config, model_metadata(encoder, metadata), pretraining)
 
 
 def write_layout(native: Mapping[str, torch.Tensor], path: str | Path, layout: str, config: SwinConfig,
-                 metadata: Mapping[str, str] | None = None) -> Path:
+                 metadata: Mapping[str, str] | None = None,
+                 pretraining: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write a native state dict as `layout`: native/timm -> .safetensors (or .pth by suffix),
-    official -> `{'model': sd}` .pth, torchvision -> .pth, hf -> a save_pretrained folder."""
+    official -> `{'model': sd}` .pth, torchvision -> .pth, hf -> a save_pretrained folder.
+    With `pretraining` (SimMIM mask token and decoder), a pre-training file (`layouts.join_pretraining`)."""
     if layout not in layouts.LAYOUTS:
         raise ValueError(f"unknown layout '{layout}'; choose one of {', '.join(layouts.LAYOUTS)}")
     path = Path(path)
     state_dict = dict(native) if layout == "native" else layouts.from_native(dict(native), layout, config)
+    if pretraining:
+        state_dict = layouts.join_pretraining(state_dict, pretraining, layout, config.version)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}
     if layout == "hf":
         path.mkdir(parents=True, exist_ok=True)
-        hf_config = layouts.hf_config(config, config.num_classes)
+        hf_config = layouts.hf_config(config, config.num_classes, masked_image_modeling=bool(pretraining))
         atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
         write_safetensors(state_dict, path / "model.safetensors", FORMAT_ENTRY)
         return path
@@ -234,9 +260,39 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, model: str 
         name = model
     if config is None:
         raise CheckpointError(f"'{src}' does not say which Swin variant it holds; pass model=NAME (--model)")
-    return write_layout(checkpoint.state_dict, dst, to, config, model_entries(config, name))
+    return write_layout(checkpoint.state_dict, dst, to, config, model_entries(config, name), checkpoint.pretraining)
 
 
 def _num_classes(native: Mapping[str, torch.Tensor], fallback: SwinConfig) -> int:
     head = native.get("head.fc.weight")
     return head.shape[0] if head is not None else fallback.num_classes
+
+
+def create_simmim(name: str | None = None, *, pretrained: str | Path | None = None, **overrides) -> SimMIM:
+    """A SimMIM pre-training model (`models.simmim.SimMIM`): the backbone `create_model` builds, with no
+    head, a mask token and a decoder. `pretrained` takes any file `create_model` takes; a SimMIM file
+    (native, official, or a Hugging Face masked-image-modeling folder) also restores its mask token
+    and decoder, any other keeps them freshly initialised (logged)."""
+    checkpoint = read_native(pretrained) if pretrained is not None else None
+    overrides.pop("num_classes", None)
+    backbone = dataclasses.replace(checkpoint, pretraining={}) if checkpoint is not None else None
+    encoder = create_model(name, pretrained=backbone, num_classes=0, **overrides)
+    model = SimMIM(encoder)
+    if checkpoint is None:
+        return model
+    extra = checkpoint.pretraining
+    if not extra:
+        log.info("%s holds no SimMIM mask token or decoder: both are freshly initialised", checkpoint.source)
+        return model
+    target = {"mask_token": model.encoder.mask_token,
+              **{f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}}
+    problems = [f"  {k}: checkpoint {list(extra[k].shape)}, model {list(v.shape)}" for k, v in target.items()
+                if k in extra and extra[k].shape != v.shape]
+    problems += [f"  missing {k} {list(v.shape)}" for k, v in target.items() if k not in extra]
+    if problems:
+        raise CheckpointError("\n".join([f"'{checkpoint.source}' ({checkpoint.layout} layout) has SimMIM tensors "
+                                          f"that do not fit {encoder.name or 'the model'}:", *problems]))
+    with torch.no_grad():
+        model.encoder.mask_token.copy_(extra["mask_token"])
+        model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in extra.items() if k.startswith("decoder.")})
+    return model

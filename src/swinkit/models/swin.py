@@ -186,8 +186,7 @@ class SwinTransformer(nn.Module):
         self.num_classes = config.num_classes
         self.num_features = config.num_features
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, config.patch_norm)
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear in depth
+        rates = config.drop_path_rates()
         dims = config.stage_dims()
         stages = []
         for i, (depth, heads, window) in enumerate(zip(config.depths, config.num_heads, config.stage_windows())):
@@ -200,6 +199,7 @@ class SwinTransformer(nn.Module):
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, config.num_classes, config.drop_rate)
+        self.register_parameter("mask_token", None)  # masked-image pre-training only (`add_mask_token`)
         self.init_weights()
 
     # ----------------------------------------------------------------- init
@@ -228,10 +228,36 @@ class SwinTransformer(nn.Module):
                         nn.init.zeros_(norm.weight)
                         nn.init.zeros_(norm.bias)
 
+    def add_mask_token(self) -> nn.Parameter:
+        """Give the model the learnable token that replaces masked patch embeddings (SimMIM;
+        `[1, 1, embed_dim]`, truncated normal std .02 as officially). Its state-dict key is `mask_token`."""
+        if self.mask_token is None:
+            device = self.norm.weight.device
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.config.embed_dim, device=device))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        return self.mask_token
+
     # -------------------------------------------------------------- forward
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, C_in, H, W]` -> normalised last-stage map `[B, H/32, W/32, num_features]` (for patch 4)."""
-        return self.norm(self.layers(self.patch_embed(x)))
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, C_in, H, W]` -> normalised last-stage map `[B, H/32, W/32, num_features]` (for patch 4).
+
+        `mask` `[B, H/p, W/p]` (1 = masked, p the patch size; needs `add_mask_token`): masked patch
+        embeddings are replaced by the mask token after the embedding's norm, as SimMIM does."""
+        x = self.patch_embed(x)
+        if mask is not None:
+            x = self.mask_patches(x, mask)
+        return self.norm(self.layers(x))
+
+    def mask_patches(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`[B, h, w, C]` patch embeddings, `[B, h, w]` 0/1 mask -> embeddings with the masked ones
+        replaced by the mask token."""
+        if self.mask_token is None:
+            raise ValueError("this model has no mask token: call add_mask_token() (or use swinkit.create_simmim)")
+        if mask.shape != x.shape[:3]:
+            raise ValueError(f"mask of shape {list(mask.shape)} does not match the {list(x.shape[:3])} patch grid "
+                             f"(batch, H/{self.config.patch_size}, W/{self.config.patch_size})")
+        weight = mask.unsqueeze(-1).to(x.dtype)
+        return x * (1.0 - weight) + self.mask_token.to(x.dtype) * weight
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """`[B, H, W, num_features]` -> `[B, num_classes]` (or pooled `[B, num_features]`)."""
@@ -275,7 +301,7 @@ class SwinTransformer(nn.Module):
 
     def no_weight_decay_keywords(self) -> tuple[str, ...]:
         """Parameter-name fragments exempt from weight decay (besides 1-D norms and biases)."""
-        return ("relative_position_bias_table", "logit_scale", "cpb_mlp")
+        return ("relative_position_bias_table", "logit_scale", "cpb_mlp", "mask_token")
 
     def flops(self, img_size: int | tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one forward pass (the official count: GMACs reported as 'FLOPs').

@@ -20,6 +20,8 @@ import). This file is the only place that knows any of these names.
     to_native(sd, layout)               -> native state dict (buffers dropped)
     from_native(sd, layout, config)     -> that layout's state dict (its buffers added)
     hf_config(config, num_labels)       -> config.json dict for transformers' from_pretrained
+    split_pretraining(sd)               -> (backbone sd, SimMIM tensors under native names)
+    join_pretraining(sd, extra, layout, version) -> a SimMIM pre-training file's state dict
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from ..models.attention import relative_coords_table, relative_position_index, w
 from ..models.registry import SwinConfig
 
 __all__ = ["LAYOUTS", "LayoutError", "detect_layout", "version_of", "infer_config", "to_native", "from_native",
-           "hf_config"]
+           "hf_config", "split_pretraining", "join_pretraining", "PRETRAINING_KEYS"]
 
 LAYOUTS = ("native", "official", "timm", "hf", "torchvision")
 
@@ -471,15 +473,17 @@ def _img_size_from_masks(native: dict, patch_size: int, depths: tuple) -> tuple[
     return None
 
 
-def hf_config(config: SwinConfig, num_labels: int | None = None) -> dict:
-    """A transformers `config.json` dict for `config` (SwinForImageClassification / Swinv2ForImageClassification)."""
+def hf_config(config: SwinConfig, num_labels: int | None = None, *, masked_image_modeling: bool = False) -> dict:
+    """A transformers `config.json` dict for `config` (SwinForImageClassification / Swinv2ForImageClassification,
+    or with `masked_image_modeling` SwinForMaskedImageModeling / Swinv2ForMaskedImageModeling)."""
     num_labels = config.num_classes if num_labels is None else num_labels
     version = config.version
     height, width = config.img_size
     labels = {i: f"LABEL_{i}" for i in range(num_labels)}
     out = {
+    task = "MaskedImageModeling" if masked_image_modeling else "ImageClassification"
         "model_type": "swin" if version == 1 else "swinv2",
-        "architectures": ["SwinForImageClassification" if version == 1 else "Swinv2ForImageClassification"],
+        "architectures": [f"Swin{'' if version == 1 else 'v2'}For{task}"],
         "image_size": height if height == width else [height, width],
         "patch_size": config.patch_size,
         "num_channels": config.in_chans,
@@ -502,4 +506,52 @@ def hf_config(config: SwinConfig, num_labels: int | None = None) -> dict:
     }
     if version == 2:
         out["pretrained_window_sizes"] = list(config.pretrained_window_sizes)
+    return out
+
+
+# ----------------------------------------------------------------------------- SimMIM pre-training files
+# A SimMIM model is a backbone plus a mask token and a decoder (1x1 conv -> pixel shuffle).
+#   native / official:  encoder.<backbone key>, encoder.mask_token, decoder.0.{weight,bias}
+#   Hugging Face:       {swin,swinv2}.<HF backbone key>, {swin,swinv2}.embeddings.mask_token, decoder.0.*
+PRETRAINING_KEYS = ("mask_token", "decoder.0.weight", "decoder.0.bias")  # their native names
+
+
+def split_pretraining(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A state dict of any layout -> (the backbone's tensors in that layout, the SimMIM tensors under
+    `PRETRAINING_KEYS` names). A classifier's state dict comes back whole, with no SimMIM tensors."""
+    backbone, extra = {}, {}
+    wrapped = "encoder.patch_embed.proj.weight" in state_dict  # official / native SimMIM: the backbone under encoder.
+    for key, value in state_dict.items():
+        if key.startswith("decoder."):
+            extra[key] = value
+        elif wrapped and key == "encoder.mask_token" or not wrapped and re.fullmatch(
+                r"((swin|swinv2)\.)?embeddings\.mask_token", key):
+            extra["mask_token"] = value
+        elif wrapped and key.startswith("encoder."):
+            backbone[key[len("encoder."):]] = value
+        else:
+            backbone[key] = value
+    unknown = sorted(set(extra) - set(PRETRAINING_KEYS))
+    if unknown:
+        raise LayoutError(f"{len(unknown)} key(s) are not part of a SimMIM decoder (a 1x1 convolution): "
+                          f"{', '.join(repr(k) for k in unknown[:4])}")
+    return backbone, extra
+
+
+def join_pretraining(backbone: Mapping[str, torch.Tensor], extra: Mapping[str, torch.Tensor], layout: str,
+                     version: int) -> dict[str, torch.Tensor]:
+    """The inverse of `split_pretraining`: a SimMIM file's state dict in `layout` from the backbone's
+    tensors (already in `layout`) and the SimMIM tensors. timm and torchvision have no SimMIM model."""
+    _check_layout(layout)
+    if layout in ("timm", "torchvision"):
+        raise LayoutError(f"{layout} has no masked-image-modeling (SimMIM) model; write the pre-training model as "
+                          "native, official or hf, or its encoder alone in any layout")
+    if layout == "hf":
+        prefix = "swin." if version == 1 else "swinv2."
+        out = dict(backbone)
+        out[prefix + "embeddings.mask_token"] = extra["mask_token"]
+    else:
+        out = {"encoder." + k: v for k, v in backbone.items()}
+        out["encoder.mask_token"] = extra["mask_token"]
+    out.update({k: v for k, v in extra.items() if k.startswith("decoder.")})
     return out
