@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import swinkit
-from swinkit.api import read_native, save_weights
+from swinkit.api import save_weights
 from swinkit.models.registry import SwinConfig
 from swinkit.models.simmim import SimMIM, masked_l1, random_mask
 from swinkit.models.swin import SwinTransformer
-from swinkit.weights.io import CheckpointError, read_checkpoint
+from swinkit.weights.io import read_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,3 +165,123 @@ def test_loss_counts_masked_pixels_only_and_odd_sizes_work():
     loss.backward()
     assert model.encoder.mask_token.grad is not None and model.encoder.mask_token.grad.abs().sum() > 0
     assert float(masked_l1(edited, reconstruction.detach(), mask, 4)) == pytest.approx(float(loss), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ fine-tuning helpers
+def test_layer_decay_scales_each_parameter_groups_lr_by_its_depth_from_the_top():
+    from swinkit.train.optim import WarmupCosineSchedule, build_optimizer, layer_id
+    model = SwinTransformer(SwinConfig(version=2, img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                       depths=(2, 3), num_heads=(1, 2), num_classes=5))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, layer_decay=0.8)
+    schedule = WarmupCosineSchedule(optimizer, 1e-3, 1e-5, 1e-5, 2, 10)
+    for _ in range(4):
+        schedule.step()
+    top = 2 + 3 + 1
+    expected_layer = {"patch_embed.proj.weight": 0, "layers.0.blocks.0.norm1.weight": 1,
+                      "layers.0.blocks.1.mlp.fc1.weight": 2, "layers.1.downsample.reduction.weight": 2,
+                      "layers.1.blocks.0.attn.qkv.weight": 3, "layers.1.blocks.2.attn.logit_scale": 5,
+                      "norm.weight": 6, "head.fc.weight": 6}
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            layer = layer_id(name, (2, 3))
+            if name in expected_layer:
+                assert layer == expected_layer[name], name
+            assert group["lr"] == pytest.approx(schedule.lr * 0.8 ** (top - layer)), name
+            decays = param.ndim > 1 and not name.endswith(("logit_scale",)) and "cpb_mlp" not in name
+            assert group["weight_decay"] == (0.05 if decays else 0.0), name
+            seen.add(name)
+    assert seen == set(names.values())
+    assert schedule.lr == pytest.approx(optimizer.param_groups[-1]["lr"])  # the head trains at the full rate
+
+
+def test_labels_per_class_keeps_a_fixed_balanced_subset(tmp_path):
+    from PIL import Image
+    from swinkit.data import DataError
+    from swinkit.train.config import DataSection
+    from swinkit.train.data import open_image_folders
+    for split, count in (("train", 6), ("val", 2)):
+        for name in ("a", "b", "c"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / split / name / f"{i}.png")
+    section = DataSection(path=str(tmp_path), labels_per_class=2)
+    train, val = open_image_folders(section, seed=3)
+    assert len(train) == 6 and sorted(train.targets) == [0, 0, 1, 1, 2, 2] and len(val) == 6
+    again, _ = open_image_folders(section, seed=3)
+    assert again.samples == train.samples
+    subsets = {tuple(open_image_folders(section, seed=s)[0].samples) for s in range(6)}
+    assert len(subsets) > 1  # the seed picks the subset
+    with pytest.raises(DataError, match="labels_per_class is 7 but class 'a'"):
+        open_image_folders(DataSection(path=str(tmp_path), labels_per_class=7))
+
+
+# ------------------------------------------------------------------------------ the pre-training run
+def test_pretrain_command_resumes_exactly_and_its_encoder_fine_tunes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from safetensors.torch import load_file
+    from test_train import _env, assert_same_tensors, finish, synthetic
+
+    def swinkit(*args):
+        return subprocess.Popen([sys.executable, "-m", "swinkit", *map(str, args)], env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    args = synthetic("--batch-size", 4, "--epochs", 2, "--save-every", 3, "--seed", 5, "--drop-path", 0.1,
+                     pretrain__mask_patch_size=4, augment__mixup=0, augment__cutmix=0)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    output = finish(swinkit("pretrain", "--method", "simmim", "--output", reference, *args))
+    assert "val reconstruction loss" in output
+    for name in ("last.safetensors", "encoder.safetensors", "reconstructions/epoch_001.png",
+                 "reconstructions/epoch_002.png"):
+        assert (reference / name).is_file(), name
+    assert "encoder.mask_token" in load_file(str(reference / "last.safetensors"))
+    encoder = load_file(str(reference / "encoder.safetensors"))
+    assert "mask_token" not in encoder and not any(k.startswith("head.") for k in encoder)
+
+    process = swinkit("pretrain", "--method", "simmim", "--output", killed, *args)
+    deadline = time.monotonic() + 120
+    while not (killed / "last.ckpt").exists():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finish(swinkit("pretrain", "--method", "simmim", "--output", killed, "--resume", *args))
+    assert_same_tensors(reference / "last.safetensors", killed / "last.safetensors")
+    assert_same_tensors(reference / "encoder.safetensors", killed / "encoder.safetensors")
+    records = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (run / "metrics.jsonl").open())]
+               for run in (reference, killed)]
+    assert records[0] == records[1]
+
+    tuned = tmp_path / "tuned"
+    finish(swinkit("train", "--output", tuned, "--pretrained", reference / "encoder.safetensors",
+                   "--layer-decay", "0.9", *synthetic("--batch-size", 4, "--max-steps", 2)))
+    saved = json.loads((tuned / "metrics.jsonl").read_text().splitlines()[-1])
+    assert saved["val_top1"] >= 0
+    config = (tuned / "config.yaml").read_text()
+    assert "layer_decay: 0.9" in config and "encoder.safetensors" in config
+
+
+def test_pretraining_reads_a_folder_of_images_without_class_folders(tmp_path):
+    from PIL import Image
+    from swinkit.data import DataError
+    from swinkit.train import load_config, train
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        Image.new("RGB", (32, 32), (i * 20, 100, 50)).save(images / f"{i:02d}.png")
+    keys = ["model.name=swin_nano_patch2_window4_32", f"data.path={images}", "data.workers=0", "train.batch_size=4",
+            "schedule.epochs=1", "schedule.warmup_epochs=0", "augment.mixup=0", "augment.cutmix=0",
+            "augment.rand_augment=null", "augment.random_erasing=0", "pretrain.mask_patch_size=4",
+            "output.tensorboard=false", "output.curves=false"]
+    result = train(load_config(None, [*keys, "pretrain.method=simmim", f"output.dir={tmp_path / 'run'}"]))
+    assert result["steps"] == 3 and result["val"]["images"] == 12  # the folder is its own val split
+    assert (tmp_path / "run" / "encoder.safetensors").is_file()
+    with pytest.raises(DataError, match="class folders"):  # a classifier still needs labels
+        train(load_config(None, [*keys, f"output.dir={tmp_path / 'run2'}"]))

@@ -21,7 +21,7 @@ from .models.registry import MODELS, SwinConfig, get_config, name_for_config
 from .models.simmim import SimMIM
 from .models.swin import SwinTransformer
 from .weights import layouts
-from .weights.io import CheckpointError, read_checkpoint, write_safetensors
+from .weights.io import CheckpointError, check_hf_config, read_checkpoint, write_safetensors
 from .weights.resize import adapt_state_dict
 
 log = logging.getLogger("swinkit")
@@ -89,6 +89,7 @@ def _config_from_checkpoint(state_dict, metadata, layout, label) -> tuple[SwinCo
     (and buffers, which carry the window for v2) and a Hugging Face config.json."""
     config = config_from_metadata(metadata, source=label)
     if config is not None:
+        _check_config_fits(config, state_dict, label)
         return config, metadata.get(META_NAME) or name_for_config(config)
     try:
         inferred = layouts.infer_config(state_dict, layout)
@@ -96,7 +97,7 @@ def _config_from_checkpoint(state_dict, metadata, layout, label) -> tuple[SwinCo
         log.debug("could not infer a config from %s: %s", label, error)
         return None, None
     if "hf_config" in metadata:
-        hf = json.loads(metadata["hf_config"])
+        hf = check_hf_config(metadata["hf_config"], label)  # read_checkpoint checked config.json already
         if inferred.get("window_size") is None:
             inferred["window_size"] = hf.get("window_size")
         if hf.get("image_size"):
@@ -106,13 +107,46 @@ def _config_from_checkpoint(state_dict, metadata, layout, label) -> tuple[SwinCo
     if isinstance(fields.get("img_size"), int):
         fields["img_size"] = (fields["img_size"], fields["img_size"])
     name = _unique_registry_match(fields)
-    if name is not None:
-        registered = get_config(name)
-        return registered.replace(num_classes=fields.get("num_classes", registered.num_classes),
-                                  in_chans=fields.get("in_chans", registered.in_chans)), name
-    if fields.get("window_size") is None:
-        return None, None
-    return SwinConfig(**fields), None
+    try:
+        if name is not None:
+            registered = get_config(name)
+            config = registered.replace(num_classes=fields.get("num_classes", registered.num_classes),
+                                        in_chans=fields.get("in_chans", registered.in_chans))
+        elif fields.get("window_size") is None:
+            return None, None
+        else:
+            config = SwinConfig(**fields)
+        config.check_limits()
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"'{label}' describes a model swinkit cannot build: {error}") from None
+    return config, name
+
+
+# The most head parameters a file's metadata may ask for without holding the head's weights (a
+# converted headless checkpoint keeps its variant's class count): ImageNet-22k's large head is 34M.
+_MAX_MISSING_HEAD_PARAMS = 100_000_000
+
+
+def _check_config_fits(config: SwinConfig, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
+    """Refuse `swinkit_config` metadata that does not describe the file's own tensors, before any model is
+    built: its parameter shapes come from a model built on the meta device (no memory), so a small file
+    claiming a huge model costs nothing. Only what `load_weights` tolerates may be missing (the head,
+    the pre-training mask token), and a missing head must be of a sane size."""
+    try:
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in SwinTransformer(config).state_dict().items()}
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"'{label}' has {META_CONFIG} metadata swinkit cannot build: {error}") from None
+    problems = [f"'{k}' is {list(state_dict[k].shape)} but the metadata's model has {list(shape)}"
+                for k, shape in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(shape)]
+    problems += [f"it has no '{k}' {list(shape)}" for k, shape in expected.items()
+                 if k not in state_dict and not k.startswith("head.fc.") and k != "mask_token"]
+    if "head.fc.weight" not in state_dict and config.num_classes * config.num_features > _MAX_MISSING_HEAD_PARAMS:
+        problems.append(f"it has no classifier for the metadata's {config.num_classes} classes")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"'{label}' has {META_CONFIG} metadata that does not match its tensors: "
+                              f"{'; '.join(problems[:3])}{more}")
 
 
 def _unique_registry_match(fields: dict) -> str | None:
@@ -278,12 +312,19 @@ def create_simmim(name: str | None = None, *, pretrained: str | Path | None = No
     backbone = dataclasses.replace(checkpoint, pretraining={}) if checkpoint is not None else None
     encoder = create_model(name, pretrained=backbone, num_classes=0, **overrides)
     model = SimMIM(encoder)
-    if checkpoint is None:
-        return model
+    if checkpoint is not None:
+        load_pretraining(model, checkpoint)
+    return model
+
+
+def load_pretraining(model: SimMIM, source: str | Path | Checkpoint) -> None:
+    """The SimMIM mask token and decoder of `source` into `model` (its backbone is loaded apart);
+    a file without them leaves both as they are (logged)."""
+    checkpoint = read_native(source)
     extra = checkpoint.pretraining
     if not extra:
         log.info("%s holds no SimMIM mask token or decoder: both are freshly initialised", checkpoint.source)
-        return model
+        return
     target = {"mask_token": model.encoder.mask_token,
               **{f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}}
     problems = [f"  {k}: checkpoint {list(extra[k].shape)}, model {list(v.shape)}" for k, v in target.items()
@@ -291,8 +332,7 @@ def create_simmim(name: str | None = None, *, pretrained: str | Path | None = No
     problems += [f"  missing {k} {list(v.shape)}" for k, v in target.items() if k not in extra]
     if problems:
         raise CheckpointError("\n".join([f"'{checkpoint.source}' ({checkpoint.layout} layout) has SimMIM tensors "
-                                          f"that do not fit {encoder.name or 'the model'}:", *problems]))
+                                          f"that do not fit {model.encoder.name or 'the model'}:", *problems]))
     with torch.no_grad():
         model.encoder.mask_token.copy_(extra["mask_token"])
         model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in extra.items() if k.startswith("decoder.")})
-    return model

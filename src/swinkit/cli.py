@@ -1,18 +1,30 @@
 """The `swinkit` command. Each subcommand parses arguments and calls one importable function;
-no logic lives here that the Python API lacks."""
+no logic lives here that the Python API lacks.
+
+Exit status: 0 done; 2 an expected failure (a bad argument, file, config or checkpoint, a full
+disk, a folder in use; `errors.EXPECTED_ERRORS`), told in one line that names it (`-v` adds the
+traceback); 1 a bug, with its traceback and a request to report it; 130 Ctrl-C; `swinkit train`
+stopped by SIGTERM / SIGINT after saving: 128 + the signal's number (143 / 130).
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import os
+import signal
 import sys
+import threading
+import traceback
 
 import torch
 
 from . import api
-from .models.registry import STANDARD_MODELS, UnknownModelError, get_config, list_models
+from .errors import EXPECTED_ERRORS
+from .models.registry import STANDARD_MODELS, get_config, list_models
 from .models.swin import SwinTransformer
 from .weights import layouts
-from .weights.io import CheckpointError
 
 
 def model_info(name: str) -> dict:
@@ -98,15 +110,72 @@ def _extra_commands():
     return [train, infer, deploy, bench, data]
 
 
+def describe_failure(error: BaseException) -> str | None:
+    """The one-line message for an expected failure (see the module docstring); None for a bug."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        message = f"out of GPU memory ({str(error).splitlines()[0] if str(error) else 'CUDA'}); " \
+                  "try a smaller --batch-size, --precision bf16-mixed or --memory-budget"
+    elif isinstance(error, MemoryError):
+        message = "out of memory; try a smaller --batch-size (or, to train, --memory-budget)"
+    elif isinstance(error, OSError) and error.filename is not None:
+        names = [repr(os.fsdecode(name)) for name in (error.filename, error.filename2) if name is not None]
+        message = f"{' -> '.join(names)}: {error.strerror or error}"
+    elif isinstance(error, ModuleNotFoundError) and error.name and not error.name.startswith("swinkit"):
+        message = f"this needs the '{error.name}' package, which is not installed"
+    elif isinstance(error, EXPECTED_ERRORS):
+        message = str(error) or type(error).__name__
+    else:
+        return None
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _escape_undecodable_output() -> None:
+    """A file name that is not valid UTF-8 reaches Python with lone surrogates ('\\udcff'); print such
+    characters as backslash escapes instead of failing on them."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM ends a command the way Ctrl-C does, through every `finally`: atomic writes remove their
+    temporary files and locks are released (training installs its own stop-and-save handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _escape_undecodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    command = f"swinkit {args.command}"
     try:
-        return args.func(args) or 0
-    except (CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as error:
-        print(f"swinkit {args.command}: error: {error}", file=sys.stderr)
+        with _sigterm_unwinds():
+            return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: said by the terminal already
+    except Exception as error:
+        message = describe_failure(error)
+        if message is None or args.verbose:
+            traceback.print_exc()
+        if message is None:
+            print(f"{command}: internal error ({type(error).__name__}): this is a bug in swinkit; please report "
+                  "it with the traceback above and the command that caused it", file=sys.stderr)
+            return 1
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION, build_eval_transform
+from .data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION, _interpolation, build_eval_transform
 from .models.registry import SwinConfig
-from .weights.io import CheckpointError
+from .weights.io import CheckpointError, read_safetensors_header
 
 log = logging.getLogger("swinkit")
 
@@ -60,16 +61,43 @@ def config_from_metadata(metadata: Mapping[str, str], *, source: str = "the chec
     if META_CONFIG not in metadata:
         return None
     try:
-        return SwinConfig.from_dict(json.loads(metadata[META_CONFIG]))
-    except (ValueError, TypeError) as error:
+        config = SwinConfig.from_dict(json.loads(metadata[META_CONFIG]))
+        config.check_limits()  # before anything is built from it
+    except (ValueError, TypeError, RecursionError) as error:
         raise CheckpointError(f"'{source}' has invalid {META_CONFIG} metadata: {error}") from None
+    return config
+
+
+# The largest image side preprocessing may produce, after the resize to img_size / crop_pct (a file's
+# `swinkit_preprocess` must not make every image cost gigabytes).
+MAX_RESIZE_SIDE = 8192
+
+
+def _side(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"img_size must hold integers, got {value!r}")
+    if not 1 <= value <= MAX_RESIZE_SIDE:
+        raise ValueError(f"img_size {value} is outside [1, {MAX_RESIZE_SIDE}]")
+    return value
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (str, bytes)) or not isinstance(size, (int, Sequence)):
+        raise TypeError(f"img_size must be an integer or [height, width], got {size!r}")
     if isinstance(size, int):
-        return (size, size)
-    height, width = (int(side) for side in size)
+        return (_side(size), _side(size))
+    if len(size) != 2:
+        raise ValueError(f"img_size must be an integer or [height, width], got {list(size)}")
+    height, width = (_side(side) for side in size)
     return (height, width)
+
+
+def _numbers(values, name: str) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise TypeError(f"{name} must be a non-empty list of numbers, got {values!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise TypeError(f"{name} must hold finite numbers, got {list(values)!r}")
+    return tuple(float(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -86,10 +114,28 @@ class Preprocess:
 
     def __post_init__(self):
         object.__setattr__(self, "img_size", _pair(self.img_size))
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "mean", _numbers(self.mean, "mean"))
+        object.__setattr__(self, "std", _numbers(self.std, "std"))
+        if 0.0 in self.std:
+            raise ValueError(f"std must not hold zeros, got {list(self.std)}")
+        if isinstance(self.in_chans, bool) or not isinstance(self.in_chans, int) or not 1 <= self.in_chans <= 1024:
+            raise ValueError(f"in_chans must be an integer in [1, 1024], got {self.in_chans!r}")
+        if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)):
+            raise TypeError(f"crop_pct must be a number, got {self.crop_pct!r}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if max(self.img_size) / self.crop_pct > MAX_RESIZE_SIDE:
+            raise ValueError(f"img_size {list(self.img_size)} with crop_pct {self.crop_pct} resizes images to more "
+                             f"than {MAX_RESIZE_SIDE} pixels a side")
+        if not isinstance(self.interpolation, str):
+            raise TypeError(f"interpolation must be a name such as 'bicubic', got {self.interpolation!r}")
+        _interpolation(self.interpolation)  # an unknown name fails here, not at the first image
+
+    @property
+    def resize_side(self) -> int:
+        """The longest side the eval resize produces (img_size / crop_pct): a larger image may be decoded at
+        a reduced size down to this (`data.load_image(min_side=...)`) without changing what the model sees."""
+        return max(math.floor(side / self.crop_pct) for side in self.img_size)
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], model_config: SwinConfig | None = None, *,
@@ -163,9 +209,4 @@ def read_metadata(path: Path) -> dict[str, str]:
         path = path / "model.safetensors"
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:  # create_model has read this file already; keep the message anyway
-        raise CheckpointError(f"'{path}' is truncated or corrupt ({error})") from error
+    return read_safetensors_header(path)[1]

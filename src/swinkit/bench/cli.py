@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_types import non_negative_int, positive_int
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -42,12 +44,13 @@ def register(subparsers) -> None:
                        help="peers: timm,torchvision,hf,onnxruntime or none (missing ones are skipped with a note)")
     infer.add_argument("--swinkit", default="eager,optimized,onnxruntime,int8",
                        help="swinkit engines to run: eager,optimized,onnxruntime,int8")
-    infer.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime")
-    infer.add_argument("--img-size", type=int, help="square input size (default: the model's)")
-    infer.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds; the median is reported")
-    infer.add_argument("--warmup", type=int, default=2, help="untimed calls per engine and batch size")
+    infer.add_argument("--threads", type=positive_int, help="intra-op threads for torch and ONNX Runtime")
+    infer.add_argument("--img-size", type=positive_int, help="square input size (default: the model's)")
+    infer.add_argument("--rounds", type=positive_int, default=5,
+                       help="interleaved timed rounds; the median is reported")
+    infer.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per engine and batch size")
     infer.add_argument("--calib", help="image folder to calibrate the INT8 model on (INT8 is skipped without it)")
-    infer.add_argument("--calib-images", type=int, default=64, help="calibration images for INT8")
+    infer.add_argument("--calib-images", type=positive_int, default=64, help="calibration images for INT8")
     infer.add_argument("--no-peak", action="store_true", help="skip measuring the fp32 GEMM peak")
     infer.add_argument("--json", action="store_true", help="print one JSON object")
     infer.add_argument("--plot", help="write a bar chart of img/s to this .png")

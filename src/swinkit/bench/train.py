@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import cli_types
+from ..cli_types import positive_int, rate
 from ..train import memory
 from ..sysinfo import format_size, parse_size
 from .machine import load_average, machine_info
@@ -323,14 +325,14 @@ def register_train(bench_subparsers) -> None:
                         help="comma-separated: " + ", ".join(SETTINGS))
     parser.add_argument("--compare", action="append", choices=("timm",),
                         help="also measure timm's model of the same architecture")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps at the final batch (default 2)")
-    parser.add_argument("--img-size", type=int, default=None)
-    parser.add_argument("--max-batch", type=int, default=4096, help="stop the search here")
-    parser.add_argument("--batch", type=int, default=None, help="measure this batch only (no search)")
-    parser.add_argument("--tolerance", type=float, default=0.0,
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps at the final batch (default 2)")
+    parser.add_argument("--img-size", type=positive_int, default=None)
+    parser.add_argument("--max-batch", type=positive_int, default=4096, help="stop the search here")
+    parser.add_argument("--batch", type=positive_int, default=None, help="measure this batch only (no search)")
+    parser.add_argument("--tolerance", type=rate, default=0.0,
                         help="stop bisecting when the bracket is within this fraction of the batch (default exact)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in each child")
+    parser.add_argument("--device", type=cli_types.device, default="cpu")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads in each child")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=_cmd_train)

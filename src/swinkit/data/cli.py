@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from ..cli_types import non_negative_int
 from .fashion_mnist import DEFAULT_SOURCE, import_fashion_mnist
 
 
@@ -18,6 +19,6 @@ def register(subparsers) -> None:
     fashion = kinds.add_parser("fashion-mnist", help="Debian's Fashion-MNIST IDX files -> PNG folders DIR/train, DIR/val")
     fashion.add_argument("--out", required=True, help="output folder (created; refused if it holds something else)")
     fashion.add_argument("--source", default=DEFAULT_SOURCE, help=f"folder with the IDX files (default {DEFAULT_SOURCE})")
-    fashion.add_argument("--workers", type=int, default=2, help="PNG writer processes")
+    fashion.add_argument("--workers", type=non_negative_int, default=2, help="PNG writer processes (0 or 1: none)")
     fashion.add_argument("--json", action="store_true", help="print the result as one JSON object")
     fashion.set_defaults(func=_cmd_fashion_mnist)

@@ -21,7 +21,10 @@ flags; all-reduce `num_failed` if one global number is wanted.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -29,14 +32,24 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from .errors import MAX_BAD_FRACTION, DataError, check_unreadable
 
 logger = logging.getLogger(__name__)
 
-# What a corrupt, truncated or non-image file raises inside PIL.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+# What a corrupt, truncated, huge or non-image file raises inside PIL (or `load_image`'s DataError, a ValueError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+                  MemoryError)
+# Bounds on what one image file may cost: the pixels decoded (10000 x 10000; a 16-bit image then costs
+# about 2 bytes a pixel while decoding, an RGB one 3), and how elongated it may be (a 1 x 100000 strip
+# resized to a 256-pixel shorter side would be 25.6 G pixels).
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_ASPECT_RATIO = 100
+# Above this many pixels, an image whose caller needs less is decoded smaller (JPEG `draft`) and
+# shrunk by an integer factor (`Image.reduce`) before its transform; ordinary photos are untouched.
+_LARGE_IMAGE_PIXELS = 4096 * 4096
+_STRIP_PIXELS = 1 << 22  # 16/32-bit and float images are converted to 8 bits this many pixels at a time
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -58,33 +71,101 @@ def to_model_mode(image: Image.Image, in_chans: int = 3) -> Image.Image:
     target = "L" if in_chans == 1 else "RGB"
     mode = image.mode
     if mode == "I" or mode.startswith("I;16") or mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if mode == "F":
-            values = values * 255.0 if values.size and np.nanmax(values) <= 1.0 else values
-        else:
-            values = values / 257.0  # 65535 -> 255
-        image = Image.fromarray(np.nan_to_num(values).round().clip(0, 255).astype(np.uint8))
+        image = _wide_to_uint8(image)
     elif mode in _ALPHA_MODES or "transparency" in image.info:
         image = _flatten_alpha(image)
     return image if image.mode == target else image.convert(target)
 
 
-def load_image(path: str | Path, in_chans: int = 3) -> Image.Image:
+def _strips(image: Image.Image):
+    """(first row, rows as a numpy array) of `image`, a few megapixels at a time."""
+    width, height = image.size
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield top, np.asarray(image.crop((0, top, width, min(top + rows, height))))
+
+
+def _wide_to_uint8(image: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float image -> 'L' (see `to_model_mode`), a strip at a time: the float64
+    work happens on a few megapixels, never on a full-size copy."""
+    scale = 1.0
+    if image.mode == "F":
+        peaks = [np.fmax.reduce(values, axis=None) for _, values in _strips(image) if values.size]
+        peak = np.fmax.reduce(np.asarray(peaks, dtype=np.float64)) if peaks else math.nan
+        scale = 255.0 if peak <= 1.0 else 1.0
+    out = Image.new("L", image.size)
+    for top, values in _strips(image):
+        if image.mode == "F":
+            values = values.astype(np.float64) * scale if scale != 1.0 else values.astype(np.float64)
+            values = np.nan_to_num(values).round()
+        else:  # 65535 -> 255, rounded to nearest (x / 257 is never exactly halfway)
+            values = (values.astype(np.int64) + 128) // 257
+        out.paste(Image.fromarray(values.clip(0, 255).astype(np.uint8)), (0, top))
+    return out
+
+
+def _check_size(path: str | Path, size: tuple[int, int], min_side: int | None) -> None:
+    width, height = size
+    if min(width, height) < 1:
+        raise DataError(f"image {path} has no pixels ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"image {path} is {width}x{height} = {width * height:,} pixels, more than the "
+                        f"{MAX_IMAGE_PIXELS:,} swinkit decodes")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise DataError(f"image {path} is {width}x{height}, more elongated than the 1:{MAX_ASPECT_RATIO} "
+                        "swinkit accepts")
+    if min_side is not None and min_side ** 2 * ratio > MAX_IMAGE_PIXELS:
+        raise DataError(f"image {path} is {width}x{height}: with its shorter side resized to {min_side} it would "
+                        f"have more than {MAX_IMAGE_PIXELS:,} pixels")
+
+
+def load_image(path: str | Path, in_chans: int = 3, *, min_side: int | None = None) -> Image.Image:
     """Decode an image file fully, apply its EXIF orientation, convert with `to_model_mode`.
 
-    Raises whatever PIL raises for an unreadable file (OSError, SyntaxError, ...).
+    `min_side`: the size the caller resizes the image to next (`Preprocess.resize_side`). An image of more
+    than 4096 x 4096 pixels then comes back smaller, its shorter side still at least `min_side` (a JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale, anything else shrunk by an integer factor), and one so elongated
+    that the resize would exceed `MAX_IMAGE_PIXELS` is refused.
+
+    Raises `DataError` naming the file for an image of more than `MAX_IMAGE_PIXELS` pixels or more
+    elongated than 1:`MAX_ASPECT_RATIO`, and whatever PIL raises for an unreadable file (OSError,
+    SyntaxError, ...).
     """
-    with Image.open(path) as image:
+    with warnings.catch_warnings():  # swinkit's own cap (below) replaces PIL's decompression-bomb warning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise DataError(f"image {path} has more than the {MAX_IMAGE_PIXELS:,} pixels swinkit decodes "
+                            f"({error})") from None
+    with opened as image:
+        width, height = image.size
+        if min_side and image.format == "JPEG" and width * height > _LARGE_IMAGE_PIXELS:
+            scale = min_side / max(min(width, height), 1)
+            if scale <= 0.5:
+                image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+        _check_size(path, image.size, min_side)
         image.load()  # decode now, so a truncated file fails here and not inside a transform
         image = ImageOps.exif_transpose(image)
-    return to_model_mode(image, in_chans)
+    image = to_model_mode(image, in_chans)
+    if min_side and image.width * image.height > _LARGE_IMAGE_PIXELS:
+        factor = min(image.size) // min_side
+        if factor >= 2:
+            image = image.reduce(factor)
+    return image
 
 
-def resolve_split(root: str | Path, split: str) -> Path:
+def _has_subfolders(folder: Path) -> bool:
+    return any(entry.is_dir() for entry in folder.iterdir())
+
+
+def resolve_split(root: str | Path, split: str, *, unlabelled: bool = False) -> Path:
     """The folder of `split` for a `--data DIR` argument.
 
     DIR may be a dataset root holding `train/`, `val/` (...) or a class folder
-    (`DIR/<class>/<image>`) used as-is for any split.
+    (`DIR/<class>/<image>`) used as-is for any split; `unlabelled` (pre-training), also a
+    folder of images alone.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -94,9 +175,61 @@ def resolve_split(root: str | Path, split: str) -> Path:
     present = [name for name in SPLIT_NAMES if (root / name).is_dir()]
     if present:
         raise DataError(f"{root} has no '{split}' split (it has: {', '.join(present)})")
-    if not any(entry.is_dir() for entry in root.iterdir()):
+    if not unlabelled and not _has_subfolders(root):
         raise DataError(f"{root} has neither a '{split}/' split nor class folders (expected {root}/<class>/<image>)")
     return root
+
+
+def _image_samples(root: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """(image path, class index) under `root/<class>/`, in torchvision's `make_dataset` order (classes sorted,
+    then folders by path, then file names), following links, but reading each folder once per class.
+
+    A folder reached again through a link is skipped with a warning; a link back into its own ancestry (a
+    loop, which `os.walk(followlinks=True)` follows until the path is too long, counting every image many
+    times) raises `DataError` naming it.
+    """
+    samples: list[tuple[str, int]] = []
+    top_id = _folder_id(str(root))
+    for name in sorted(class_to_idx):
+        top = os.path.join(root, name)
+        if not os.path.isdir(top):
+            continue
+        folders: list[tuple[str, list[str]]] = []
+        visited: set[tuple[int, int]] = set()
+        stack = [(top, ((top_id, str(root)),))]
+        while stack:
+            path, ancestors = stack.pop()
+            try:
+                ident = _folder_id(path)
+                entries = list(os.scandir(path))
+            except OSError:  # unreadable folder: skipped, as os.walk does
+                continue
+            loop = next((folder for folder_id, folder in ancestors if folder_id == ident), None)
+            if loop is not None:
+                raise DataError(f"image folder {root} has a link loop: {path} leads back to {loop}")
+            if ident in visited:
+                logger.warning("%s is a folder already read under %s (through a link); its images count once",
+                               path, top)
+                continue
+            visited.add(ident)
+            folders.append((path, sorted(entry.name for entry in entries if not _is_dir(entry)
+                                         and has_file_allowed_extension(entry.name, IMG_EXTENSIONS))))
+            stack += [(entry.path, ancestors + ((ident, path),)) for entry in entries if _is_dir(entry)]
+        for path, files in sorted(folders):
+            samples += [(os.path.join(path, file), class_to_idx[name]) for file in files]
+    return samples
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    info = os.stat(path)  # follows links: a linked folder has its target's identity
+    return info.st_dev, info.st_ino
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class ImageFolderDataset(Dataset):
@@ -107,17 +240,20 @@ class ImageFolderDataset(Dataset):
     `make_dataset`): folders sorted by name. See the module docstring for failures.
     """
 
-    def __init__(self, root: str | Path, transform=None, in_chans: int = 3):
+    def __init__(self, root: str | Path, transform=None, in_chans: int = 3, *, unlabelled: bool = False):
+        """`unlabelled` (pre-training): a folder of images without class folders is one class."""
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist")
-        try:
-            self.classes, self.class_to_idx = find_classes(self.root)
-        except FileNotFoundError as err:
-            raise DataError(f"{self.root} has no class folders (expected {self.root}/<class>/<image>)") from err
-        self.samples: list[tuple[str, int]] = make_dataset(
-            self.root, self.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True
-        )
+        if unlabelled and not _has_subfolders(self.root):
+            self.classes, self.class_to_idx = [self.root.name], {self.root.name: 0}
+            self.samples: list[tuple[str, int]] = _image_samples(self.root.parent, self.class_to_idx)
+        else:
+            try:
+                self.classes, self.class_to_idx = find_classes(self.root)
+            except FileNotFoundError as err:
+                raise DataError(f"{self.root} has no class folders (expected {self.root}/<class>/<image>)") from err
+            self.samples = _image_samples(self.root, self.class_to_idx)
         used = {target for _, target in self.samples}
         empty = [str(self.root / name) for name in self.classes if self.class_to_idx[name] not in used]
         if empty:
@@ -133,6 +269,13 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def keep(self, indices) -> None:
+        """Restrict the dataset to the samples at `indices` (e.g. a few-label subset), in that order."""
+        indices = [int(i) for i in indices]
+        self.samples = [self.samples[i] for i in indices]
+        self.targets = [self.targets[i] for i in indices]
+        self._failed = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def __getitem__(self, index: int):
         count = len(self.samples)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import SwinkitError
+
 MAX_BAD_FRACTION = 0.01
 
 
-class DataError(ValueError):
+class DataError(SwinkitError, ValueError):
     """A dataset, split, image or IDX file that cannot be used; the message names it."""
 
 

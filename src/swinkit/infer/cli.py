@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from ..cli_types import device, fraction, non_negative_int, positive_int
 from ..data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION
 from .evaluate import evaluate
 from .predict import predict
@@ -26,12 +27,15 @@ def _size(text: str) -> tuple[int, int]:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="checkpoint file (a swinkit safetensors needs no --model)")
     parser.add_argument("--model", help="model name, for checkpoints that do not say which variant they hold")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--threads", type=int, help="intra-op CPU threads (torch.set_num_threads; default: torch's)")
+    parser.add_argument("--device", type=device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="intra-op CPU threads (torch.set_num_threads; default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--backend", choices=("torch", "jax"), default="torch",
+                        help="torch (default), or jax: the Flax port of the same model (needs swinkit[jax])")
     group = parser.add_argument_group("preprocessing (default: what the checkpoint was trained with)")
     group.add_argument("--img-size", type=_size, help="input size, 224 or HxW")
-    group.add_argument("--crop-pct", type=float,
+    group.add_argument("--crop-pct", type=fraction,
                        help=f"resize to size / crop-pct, then centre-crop (official: {OFFICIAL_CROP_PCT})")
     group.add_argument("--interpolation", help=f"resize interpolation (official: {OFFICIAL_INTERPOLATION})")
 
@@ -41,13 +45,21 @@ def _apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _weights(args):
+    """The weights file, or with --backend jax a runner of the Flax model loaded from it."""
+    if args.backend == "jax":
+        from ..jax.runner import load_jax_runner
+        return load_jax_runner(args.weights, model_name=args.model)
+    return args.weights
+
+
 def _preprocess_overrides(args) -> dict:
     return {"img_size": args.img_size, "crop_pct": args.crop_pct, "interpolation": args.interpolation}
 
 
 def _cmd_eval(args) -> int:
     _apply_threads(args)
-    result = evaluate(args.weights, args.data, model_name=args.model, batch_size=args.batch_size,
+    result = evaluate(_weights(args), args.data, model_name=args.model, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, preprocess=_preprocess_overrides(args))
     if args.json:
         print(json.dumps(result))
@@ -70,7 +82,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_predict(args) -> int:
     _apply_threads(args)
-    results = predict(args.weights, args.images, model_name=args.model, topk=args.topk, device=args.device,
+    results = predict(_weights(args), args.images, model_name=args.model, topk=args.topk, device=args.device,
                       batch_size=args.batch_size, preprocess=_preprocess_overrides(args))
     failed = [entry for entry in results if "error" in entry]
     if args.json:
@@ -92,13 +104,14 @@ def register(subparsers) -> None:
     _add_common(eval_parser)
     eval_parser.add_argument("--data", required=True,
                              help="dataset root (its val/ split is used) or a folder of class folders")
-    eval_parser.add_argument("--batch-size", type=int, default=64)
-    eval_parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: none)")
+    eval_parser.add_argument("--batch-size", type=positive_int, default=64)
+    eval_parser.add_argument("--workers", type=non_negative_int, default=2,
+                             help="DataLoader worker processes (0: none)")
     eval_parser.set_defaults(func=_cmd_eval)
 
     predict_parser = subparsers.add_parser("predict", help="top-k classes of image files")
     _add_common(predict_parser)
     predict_parser.add_argument("images", nargs="+", metavar="IMAGE")
-    predict_parser.add_argument("--topk", type=int, default=5)
-    predict_parser.add_argument("--batch-size", type=int, default=32)
+    predict_parser.add_argument("--topk", type=positive_int, default=5)
+    predict_parser.add_argument("--batch-size", type=positive_int, default=32)
     predict_parser.set_defaults(func=_cmd_predict)

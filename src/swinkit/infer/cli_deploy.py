@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..cli_types import positive_int
+
 
 def _cmd_export(args) -> int:
     from .export import ExportError, export_onnx
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
     onnx.add_argument("--weights", required=True, help="checkpoint (any layout swinkit reads)")
     onnx.add_argument("--model", help="model name, for checkpoints that do not say which variant they hold")
     onnx.add_argument("--out", required=True, help="output .onnx file (written only after validation)")
-    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--opset", type=positive_int, default=18)
     onnx.add_argument("--dynamic", default="batch,hw", help="dynamic axes: batch,hw (default), batch, or ''")
     onnx.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     onnx.set_defaults(func=_cmd_export)
@@ -58,10 +60,10 @@ def register(subparsers) -> None:
     quant.add_argument("--model", help="model name, for checkpoints that do not say which variant they hold")
     quant.add_argument("--calib", required=True, help="image folder (DIR/<class>/<image>) for calibration")
     quant.add_argument("--out", required=True, help="output INT8 .onnx file")
-    quant.add_argument("--images", type=int, default=256, help="calibration images (default 256)")
+    quant.add_argument("--images", type=positive_int, default=256, help="calibration images (default 256)")
     quant.add_argument("--method", default="minmax", choices=("minmax", "percentile", "entropy"))
     quant.add_argument("--quantize-head", action="store_true", help="quantize the classifier too (default: float)")
     quant.add_argument("--eval", help="image folder to report FP32 vs INT8 top-1/top-5 on")
-    quant.add_argument("--eval-images", type=int, help="evaluate on this many images (default: all)")
+    quant.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (default: all)")
     quant.add_argument("--json", action="store_true")
     quant.set_defaults(func=_cmd_quantize)

@@ -34,6 +34,7 @@ class _EvalImages(Dataset):
         self.samples = samples
         self.transform = transform
         self.in_chans = preprocess.in_chans
+        self.min_side = preprocess.resize_side  # a huge image is decoded no larger than the resize needs
         self.blank_shape = (preprocess.in_chans, *preprocess.img_size)
 
     def __len__(self) -> int:
@@ -42,7 +43,7 @@ class _EvalImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         path, target = self.samples[index]
         try:
-            image = load_image(path, self.in_chans)
+            image = load_image(path, self.in_chans, min_side=self.min_side)
         except Exception as error:  # any decode failure: PIL raises many types
             log.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
             return torch.zeros(self.blank_shape), target, False

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..errors import SwinkitError
 from ..files import atomic_write
 from ..metadata import META_CLASSES, META_DYNAMIC, META_VALIDATION, Preprocess, read_metadata
 from ..models.swin import SwinTransformer
@@ -38,7 +39,7 @@ DYNAMIC_AXES = ("batch", "hw")
 MAX_SIDE = 8192
 
 
-class ExportError(RuntimeError):
+class ExportError(SwinkitError, RuntimeError):
     """An export that failed or did not reproduce the PyTorch model; nothing was written."""
 
 

@@ -34,6 +34,8 @@ def predict(weights: str | Path | Runner, images: Iterable[str | Path], *, model
     """
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     runner = weights if not isinstance(weights, (str, Path)) else load_runner(weights, model_name=model_name,
                                                                               device=device)
     runner = with_preprocess(runner, preprocess)
@@ -57,7 +59,7 @@ def predict(weights: str | Path | Runner, images: Iterable[str | Path], *, model
         entry: dict[str, Any] = {"image": str(image)}
         results.append(entry)
         try:
-            tensor = transform(load_image(image, runner.preprocess.in_chans))
+            tensor = transform(load_image(image, runner.preprocess.in_chans, min_side=runner.preprocess.resize_side))
         except Exception as error:  # unreadable, missing, not an image: report it and go on
             entry["error"] = _describe_error(error)
             continue

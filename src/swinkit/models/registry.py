@@ -8,7 +8,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import math
+import numbers
+import operator
 from dataclasses import dataclass
+
+from ..errors import SwinkitError
 
 
 def shift_size(size, window: int):
@@ -18,7 +23,7 @@ def shift_size(size, window: int):
     return (size > window) * (window // 2)
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(SwinkitError, ValueError):
     """A model name that is not in the registry."""
 
 
@@ -51,13 +56,21 @@ class SwinConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __post_init__(self):
-        size = self.img_size
-        if isinstance(size, int):
-            object.__setattr__(self, "img_size", (size, size))
-        else:
-            object.__setattr__(self, "img_size", tuple(int(s) for s in size))
-        for name in ("depths", "num_heads", "pretrained_window_sizes", "mean", "std"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._check_types()
+        if len(self.img_size) == 1:
+            object.__setattr__(self, "img_size", self.img_size * 2)
+        if len(self.img_size) != 2:
+            raise ValueError(f"SwinConfig.img_size must be one size or [height, width], got {list(self.img_size)}")
+        if not self.depths:
+            raise ValueError("SwinConfig.depths must name at least one stage")
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "window_size", "depths", "num_heads"):
+            value = getattr(self, name)
+            if min(value if isinstance(value, tuple) else (value,)) < 1:
+                raise ValueError(f"SwinConfig.{name} must be positive, got {value}")
+        if self.num_classes < 0 or min(self.pretrained_window_sizes, default=0) < 0:
+            raise ValueError("SwinConfig.num_classes and pretrained_window_sizes must not be negative")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"SwinConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
         if len(self.pretrained_window_sizes) != len(self.depths):
             pws = self.pretrained_window_sizes
             object.__setattr__(self, "pretrained_window_sizes",
@@ -71,6 +84,54 @@ class SwinConfig:
             if (self.embed_dim * 2 ** i) % heads:
                 raise ValueError(f"SwinConfig: stage {i} dim {self.embed_dim * 2 ** i} is not "
                                  f"divisible by {heads} heads")
+
+    def _check_types(self) -> None:
+        """Normalise every field to its declared type (ints, tuples of ints, floats, bools), or raise
+        TypeError naming the field: a config read from a file may hold anything."""
+        for name, kind in _FIELD_KINDS.items():
+            value = getattr(self, name)
+            if kind in ("ints", "floats"):
+                if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Number, tuple, list)):
+                    raise TypeError(f"SwinConfig.{name} must be a list of numbers, got {value!r}")
+                items = (value,) if isinstance(value, numbers.Number) else tuple(value)
+                convert = _as_int if kind == "ints" else _as_float
+                value = tuple(convert(name, item) for item in items)
+            elif kind == "int":
+                value = _as_int(name, value)
+            elif kind == "float":
+                value = _as_float(name, value)
+            elif not isinstance(value, bool):
+                raise TypeError(f"SwinConfig.{name} must be true or false, got {value!r}")
+            object.__setattr__(self, name, value)
+
+    def check_limits(self) -> None:
+        """Raise ValueError when the config is beyond `LIMITS`: what a file (checkpoint metadata,
+        a Hugging Face config.json) may ask swinkit to build before any memory is spent on it."""
+        def refuse(what, value, limit):
+            raise ValueError(f"SwinConfig.{what} {value} is above swinkit's limit of {limit}")
+        for name in ("patch_size", "in_chans", "num_classes", "embed_dim", "window_size", "mlp_ratio"):
+            if getattr(self, name) > LIMITS[name]:
+                refuse(name, getattr(self, name), LIMITS[name])
+        for name, limit in (("img_size", LIMITS["img_size"]), ("num_heads", LIMITS["num_heads"]),
+                            ("depths", LIMITS["depth"]), ("pretrained_window_sizes", LIMITS["window_size"])):
+            if max(getattr(self, name)) > limit:
+                refuse(name, list(getattr(self, name)), limit)
+        if self.num_stages > LIMITS["stages"]:
+            refuse("depths", f"({self.num_stages} stages)", f"{LIMITS['stages']} stages")
+        if sum(self.depths) > LIMITS["blocks"]:
+            refuse("depths", f"({sum(self.depths)} blocks)", f"{LIMITS['blocks']} blocks")
+        if self.num_features > LIMITS["stage_dim"]:
+            refuse("embed_dim", f"{self.embed_dim} (last stage {self.num_features} wide)", LIMITS["stage_dim"])
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"SwinConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        # Buffers built from the window alone (no weights back them): a relative position index of
+        # window^4 int64 per block, and v2's coordinate table.
+        buffer_bytes = sum(depth * (window ** 4 * 8 + (2 * window - 1) ** 2 * 8)
+                           for depth, window in zip(self.depths, self.stage_windows()))
+        if buffer_bytes > LIMITS["buffer_bytes"]:
+            refuse("window_size", f"{self.window_size} (window buffers of {buffer_bytes / 2 ** 30:.1f} GiB)",
+                   f"{LIMITS['buffer_bytes'] // 2 ** 30} GiB")
 
     @property
     def num_stages(self) -> int:
@@ -109,6 +170,11 @@ class SwinConfig:
         return [(shift_size(height, window), shift_size(width, window))
                 for (height, width), window in zip(self.stage_resolutions(img_size), self.stage_windows())]
 
+    def drop_path_rates(self) -> list[float]:
+        """Stochastic-depth rate of every block in order: linear in depth from 0 to `drop_path_rate`."""
+        total = sum(self.depths)
+        return [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+
     def replace(self, **changes) -> "SwinConfig":
         return dataclasses.replace(self, **changes)
 
@@ -117,11 +183,42 @@ class SwinConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SwinConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"SwinConfig: expected a mapping of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"SwinConfig: unknown keys {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# How each field is normalised by `SwinConfig._check_types`.
+_FIELD_KINDS = {"version": "int", "img_size": "ints", "patch_size": "int", "in_chans": "int", "num_classes": "int",
+                "embed_dim": "int", "depths": "ints", "num_heads": "ints", "window_size": "int",
+                "pretrained_window_sizes": "ints", "mlp_ratio": "float", "qkv_bias": "bool", "drop_rate": "float",
+                "attn_drop_rate": "float", "drop_path_rate": "float", "patch_norm": "bool", "mean": "floats",
+                "std": "floats"}
+
+# Generous bounds on what a file may ask swinkit to build (`SwinConfig.check_limits`): every published
+# variant is far inside them (the largest, SwinV2-G, has embed_dim 512, 42 blocks in a stage, window 48).
+LIMITS = {"patch_size": 64, "in_chans": 1024, "num_classes": 1_000_000, "embed_dim": 4096, "stage_dim": 32768,
+          "window_size": 64, "mlp_ratio": 64, "img_size": 4096, "num_heads": 1024, "depth": 128, "stages": 8,
+          "blocks": 256, "buffer_bytes": 2 ** 30}
+
+
+def _as_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"SwinConfig.{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"SwinConfig.{name} must be an integer, got {value!r}") from None
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"SwinConfig.{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))

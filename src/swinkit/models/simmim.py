@@ -103,6 +103,9 @@ class SimMIM(nn.Module):
         reconstruction = self.reconstruct(images, mask)
         return masked_l1(images, reconstruction, mask, self.patch_size), reconstruction
 
+    def blocks(self) -> list:
+        return self.encoder.blocks()
+
     def no_weight_decay_keywords(self) -> tuple[str, ...]:
         return self.encoder.no_weight_decay_keywords()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from ..data.errors import MAX_BAD_FRACTION
+from ..errors import SwinkitError
 from ..data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION
 from ..files import atomic_write
 from ..models.registry import SwinConfig
@@ -30,7 +32,7 @@ STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(SwinkitError, ValueError):
     """A config file, key or value that cannot be used; the message names it."""
 
 
@@ -62,6 +64,7 @@ class DataSection:
     crop_pct: float = OFFICIAL_CROP_PCT  # eval: resize to img_size / crop_pct, centre crop
     interpolation: str = OFFICIAL_INTERPOLATION
     max_bad_fraction: float = MAX_BAD_FRACTION  # abort when more unreadable images than this
+    labels_per_class: int | None = None  # few-label fine-tuning: a fixed, seeded, class-balanced training subset
 
 
 @dataclass
@@ -89,6 +92,7 @@ class OptimSection:
     eps: float = 1e-8
     clip_grad: float | None = 5.0  # max global grad norm; null: no clipping
     accumulation_steps: int = 1
+    layer_decay: float | None = None  # fine-tuning: each block's lr x decay^(depth from the top); head at full lr
 
 
 @dataclass
@@ -113,6 +117,7 @@ class TrainSection:
     ema_decay: float = 0.9998
     log_every: int = 10  # optimizer steps
     save_every: int = 0  # optimizer steps between checkpoints; 0: at epoch ends only
+    val_every: int = 1  # epochs between validations (the last epoch is always validated)
     resume: bool = False
 
 
@@ -125,6 +130,14 @@ class OutputSection:
 
 
 @dataclass
+class PretrainSection:
+    method: str | None = None  # "simmim": masked-image pre-training without labels (`swinkit pretrain`)
+    mask_patch_size: int = 32  # pixels per masked square, a multiple of the patch size (official: 32 at 192 px)
+    mask_ratio: float = 0.6  # fraction of squares masked per image
+    preview_images: int = 8  # images in the per-epoch reconstruction grid (0: none)
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -133,13 +146,17 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputSection = field(default_factory=OutputSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"train.precision": PRECISIONS, "train.strategy": STRATEGIES, "train.device": DEVICES}
+PRETRAIN_METHODS = ("simmim",)
+_CHOICES = {"train.precision": PRECISIONS, "train.strategy": STRATEGIES, "train.device": DEVICES,
+            "pretrain.method": PRETRAIN_METHODS}
 _SWIN_FIELDS = {f.name: f for f in dataclasses.fields(SwinConfig)}
+_SWIN_HINTS = typing.get_type_hints(SwinConfig)
 
 
 def _hints(cls) -> dict:
@@ -205,7 +222,11 @@ def _check_arch(arch: dict, key: str) -> dict:
     for name, value in arch.items():
         if name not in _SWIN_FIELDS:
             raise _unknown(f"{key}.{name}", _SWIN_FIELDS)
-        out[name] = list(value) if isinstance(value, tuple) else value
+        value = list(value) if isinstance(value, tuple) else value
+        if name == "img_size" and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value  # one size for both sides
+        else:
+            out[name] = _check_value(value, _SWIN_HINTS[name], f"{key}.{name}")
     return out
 
 
@@ -224,7 +245,7 @@ def _set(config: TrainConfig, key: str, value) -> None:
     if len(parts) != 2:
         raise _unknown(key, hints)
     checked = _check_value(value, hints[parts[1]], key)
-    if key in _CHOICES and checked not in _CHOICES[key]:
+    if key in _CHOICES and checked is not None and checked not in _CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(_CHOICES[key])}, got {checked!r}")
     if key == "model.arch":
         checked = _check_arch(checked, key)
@@ -280,23 +301,78 @@ def _looks_like_float(text: str) -> bool:
     return True
 
 
+# Bounds on a recipe file: recipes are a few kilobytes of shallow mappings. A YAML alias repeats a
+# whole subtree, so nine lines of aliases can stand for a billion values (counted here with repeats).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 100_000
+
+
+class _RecipeTooLarge(Exception):
+    """Raised while composing a recipe that is nested or aliased beyond the bounds above."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that counts the values a document expands to (an alias counts its whole subtree
+    again) and its nesting depth while composing, and stops at `MAX_CONFIG_VALUES` / `MAX_CONFIG_DEPTH`."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._total = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values in its subtree, aliases expanded
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._count(self._sizes.get(id(node), 1))
+            return node
+        self._depth += 1
+        if self._depth > MAX_CONFIG_DEPTH:
+            raise _RecipeTooLarge(f"is nested more than {MAX_CONFIG_DEPTH} levels deep")
+        total_before = self._total
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._count(1)
+        self._sizes[id(node)] = self._total - total_before
+        return node
+
+    def _count(self, values: int) -> None:
+        self._total += values
+        if self._total > MAX_CONFIG_VALUES:
+            raise _RecipeTooLarge(f"expands to more than {MAX_CONFIG_VALUES} values (YAML aliases repeat "
+                                  "whole subtrees)")
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file '{path}' is {path.stat().st_size} bytes; a recipe may have at most "
+                          f"{MAX_CONFIG_BYTES}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_BoundedLoader) or {}  # a SafeLoader
+        return _fix_floats(tree)
+    except _RecipeTooLarge as error:
+        raise ConfigError(f"config file '{path}' {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
-    return _fix_floats(tree)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{path}' is nested too deeply") from None
 
 
-def _fix_floats(tree):
-    """YAML 1.1 reads '5e-4' (no dot) as a string; make such scalars floats."""
+def _fix_floats(tree, depth: int = 0):
+    """YAML 1.1 reads '5e-4' (no dot) as a string; make such scalars floats. The tree is bounded
+    (`_BoundedLoader`); `depth` keeps a tree built some other way from recursing without end."""
+    if depth > MAX_CONFIG_DEPTH:  # a YAML alias inside its own anchor makes a tree that contains itself
+        raise _RecipeTooLarge(f"is nested more than {MAX_CONFIG_DEPTH} levels deep")
     if isinstance(tree, dict):
-        return {k: _fix_floats(v) for k, v in tree.items()}
+        return {k: _fix_floats(v, depth + 1) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_fix_floats(v) for v in tree]
+        return [_fix_floats(v, depth + 1) for v in tree]
     if isinstance(tree, str) and _looks_like_float(tree) and tree.strip().lower() not in ("nan", "inf", "-inf",
                                                                                           "infinity"):
         return float(tree)
@@ -326,12 +402,12 @@ def validate(config: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    if config.schedule.epochs < 1 and config.schedule.max_steps is None:
-        raise ConfigError("config key 'schedule.epochs' must be >= 1")
+    if config.schedule.epochs < 1:  # max_steps caps the epochs' steps; with 0 epochs nothing would train
+        raise ConfigError(f"config key 'schedule.epochs' must be >= 1, got {config.schedule.epochs} "
+                          "(schedule.max_steps caps the steps of the epochs; it does not replace them)")
     if config.schedule.max_steps is not None and config.schedule.max_steps < 1:
         raise ConfigError(f"config key 'schedule.max_steps' must be >= 1, got {config.schedule.max_steps}")
-    if config.train.save_every < 0:
-        raise ConfigError(f"config key 'train.save_every' must be >= 0, got {config.train.save_every}")
+    _check_ranges(config)
     if not config.data.synthetic and not config.data.path:
         raise ConfigError("no training data: set data.path (--data DIR) or data.synthetic (--synthetic)")
     if config.model.name is None and not config.model.arch and config.model.pretrained is None:
@@ -343,6 +419,74 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'data.crop_pct' must be in (0, 1], got {config.data.crop_pct}")
     if not 0 <= config.data.max_bad_fraction < 1:
         raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1), got {config.data.max_bad_fraction}")
+    low, high = config.augment.scale if len(config.augment.scale) == 2 else (None, None)
+    if low is None or not 0 < low <= high <= 1:
+        raise ConfigError(f"config key 'augment.scale' must be two values 0 < min <= max <= 1, "
+                          f"got {config.augment.scale}")
+
+
+# Numeric keys and the values that mean something: (lowest, highest, lowest included, highest included).
+# A value outside would train nothing, everything, or fail far from the key that caused it.
+_RANGES = {
+    "optim.lr": (0, math.inf, False, False), "schedule.warmup_lr": (0, math.inf, True, False),
+    "schedule.min_lr": (0, math.inf, True, False), "schedule.warmup_epochs": (0, math.inf, True, False),
+    "optim.weight_decay": (0, math.inf, True, False), "optim.eps": (0, math.inf, False, False),
+    "optim.clip_grad": (0, math.inf, True, False),  # 0 or null: no clipping
+    "optim.betas[0]": (0, 1, True, False), "optim.betas[1]": (0, 1, True, False),
+    "train.ema_decay": (0, 1, True, False), "train.save_every": (0, math.inf, True, False),
+    "train.seed": (0, math.inf, True, False), "data.workers": (0, math.inf, True, False),
+    "data.synthetic_train_size": (1, math.inf, True, False), "data.synthetic_val_size": (1, math.inf, True, False),
+    "model.num_classes": (1, math.inf, True, False), "model.img_size": (1, math.inf, True, False),
+    "model.in_chans": (1, math.inf, True, False), "model.drop_path_rate": (0, 1, True, False),
+    "augment.hflip": (0, 1, True, True), "augment.random_erasing": (0, 1, True, True),
+    "augment.mix_prob": (0, 1, True, True), "augment.switch_prob": (0, 1, True, True),
+    "augment.mixup": (0, math.inf, True, False), "augment.cutmix": (0, math.inf, True, False),
+    "augment.label_smoothing": (0, 1, True, False), "augment.crop_padding": (0, math.inf, True, False),
+}
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for key, (low, high, low_ok, high_ok) in _RANGES.items():
+        section, name = key.split(".")
+        index = None
+        if name.endswith("]"):
+            name, index = name[:-3], int(name[-2])
+        value = getattr(getattr(config, section), name)
+        if value is not None and index is not None:
+            value = value[index] if index < len(value) else None
+        if value is None:
+            continue
+        above = value > low or (low_ok and value == low)
+        below = value < high or (high_ok and value == high)
+        if not (above and below):  # NaN fails both
+            bounds = f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+            if high == math.inf:
+                bounds = f"{'>=' if low_ok else '>'} {low}" + (" and finite" if value == math.inf else "")
+            raise ConfigError(f"config key '{key}' must be {bounds}, got {value}")
+    if config.train.val_every < 1:
+        raise ConfigError(f"config key 'train.val_every' must be >= 1, got {config.train.val_every}")
+    _validate_pretraining_and_fine_tuning(config)
+
+
+def _validate_pretraining_and_fine_tuning(config: TrainConfig) -> None:
+    """The SimMIM keys, layer decay and the few-label subset."""
+    pre, aug = config.pretrain, config.augment
+    if pre.method is not None:
+        if aug.enabled and (aug.mixup > 0 or aug.cutmix > 0):
+            raise ConfigError(f"pretrain.method {pre.method} ignores labels, so mixup/cutmix cannot apply: "
+                              "set augment.mixup and augment.cutmix to 0")
+        if config.optim.layer_decay is not None:
+            raise ConfigError("optim.layer_decay is for fine-tuning; pre-training trains every layer at one rate")
+        if pre.mask_patch_size < 1:
+            raise ConfigError(f"config key 'pretrain.mask_patch_size' must be >= 1, got {pre.mask_patch_size}")
+        if not 0 < pre.mask_ratio < 1:
+            raise ConfigError(f"config key 'pretrain.mask_ratio' must be in (0, 1), got {pre.mask_ratio}")
+        if pre.preview_images < 0:
+            raise ConfigError(f"config key 'pretrain.preview_images' must be >= 0, got {pre.preview_images}")
+    if config.optim.layer_decay is not None and not 0 < config.optim.layer_decay <= 1:
+        raise ConfigError(f"config key 'optim.layer_decay' must be in (0, 1], got {config.optim.layer_decay}")
+    if config.data.labels_per_class is not None and config.data.labels_per_class < 1:
+        raise ConfigError(f"config key 'data.labels_per_class' must be >= 1, got {config.data.labels_per_class}")
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:

@@ -39,6 +39,7 @@ from ..data import (DataError, ImageFolderDataset, SyntheticDataset, build_eval_
 from ..data.errors import check_unreadable
 from . import distributed
 from .config import DataSection, TrainConfig
+from .signals import ignore_stop_signals_in_worker
 
 log = logging.getLogger("swinkit.train")
 
@@ -252,14 +253,38 @@ def shard_indices(num_samples: int, world_size: int, rank: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- for the trainer
-def open_image_folders(data: DataSection) -> tuple[ImageFolderDataset | None, ImageFolderDataset | None]:
+def few_label_indices(targets: Sequence[int], per_class: int, seed: int, root=None, classes=None) -> list[int]:
+    """A fixed, class-balanced subset: `per_class` samples of every class, drawn by a generator seeded
+    with `seed` alone (the same subset for every run, process count and epoch), in index order."""
+    targets = torch.as_tensor(list(targets), dtype=torch.long)
+    generator = torch.Generator().manual_seed(derive_seed(seed, 0x5EED_1ABE1))
+    chosen = []
+    for label in range(int(targets.max()) + 1 if len(targets) else 0):
+        members = torch.nonzero(targets == label).flatten()
+        if len(members) < per_class:
+            name = classes[label] if classes is not None else label
+            raise DataError(f"data.labels_per_class is {per_class} but class '{name}' of {root} has only "
+                            f"{len(members)} images")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return sorted(torch.cat(chosen).tolist()) if chosen else []
+
+
+def open_image_folders(data: DataSection, seed: int = 0, *, unlabelled: bool = False
+                       ) -> tuple[ImageFolderDataset | None, ImageFolderDataset | None]:
     """The train and val image folders under `data.path` (val None without `data.val_split`; both
-    None for synthetic data). Both splits must hold the same classes."""
+    None for synthetic data). Both splits must hold the same classes. With `data.labels_per_class`,
+    the train folder keeps its few-label subset (`few_label_indices`, seeded by `seed`). `unlabelled`
+    (pre-training): folders of images without class folders are accepted, and class folders of the
+    two splits need not agree."""
     if data.synthetic:
         return None, None
-    train = ImageFolderDataset(resolve_split(data.path, data.train_split))
-    val = ImageFolderDataset(resolve_split(data.path, data.val_split)) if data.val_split else None
-    if val is not None and val.classes != train.classes:
+    train = ImageFolderDataset(resolve_split(data.path, data.train_split, unlabelled=unlabelled),
+                               unlabelled=unlabelled)
+    if data.labels_per_class is not None:
+        train.keep(few_label_indices(train.targets, data.labels_per_class, seed, train.root, train.classes))
+    val = ImageFolderDataset(resolve_split(data.path, data.val_split, unlabelled=unlabelled),
+                             unlabelled=unlabelled) if data.val_split else None
+    if val is not None and val.classes != train.classes and not unlabelled:
         raise DataError(f"{val.root} has classes {val.classes[:5]}... but {train.root} has "
                         f"{train.classes[:5]}...; both splits need the same class folders")
     return train, val
@@ -339,11 +364,12 @@ def _streaming_loaders(config: TrainConfig, pre, env: distributed.DistEnv, sampl
     pin = env.device.type == "cuda"
     train_loader = DataLoader(
         SeededTransformDataset(train_set, train_transform, config.train.seed), batch_sampler=sampler,
-        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator())
+        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals_in_worker)  # a stop request is the main process's to handle
     val_loader = None if val_set is None else DataLoader(
         SeededTransformDataset(val_set, val_transform), batch_size=config.train.batch_size,
         sampler=shard_indices(len(val_set), env.world_size, env.rank), num_workers=workers,
-        pin_memory=pin, generator=torch.Generator())
+        pin_memory=pin, generator=torch.Generator(), worker_init_fn=ignore_stop_signals_in_worker)
     return train_loader, val_loader
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .config import ConfigError
 
 
 @dataclass
@@ -34,7 +38,7 @@ class DistEnv:
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("train.device is 'cuda' but no CUDA device is available")
+            raise ConfigError("train.device (--device) is 'cuda' but this machine has no CUDA device")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -64,6 +68,15 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_reduce_max(value: int, env: DistEnv) -> int:
+    """The largest of one integer over all ranks (e.g. a stop request: every rank stops at the same step)."""
+    if not env.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def all_gather_objects(obj, env: DistEnv) -> list:
@@ -144,7 +157,29 @@ def launched_by_torchrun() -> bool:
 
 
 def relaunch_with_torchrun(nproc: int, train_args: list[str]) -> int:
-    """Run `swinkit train TRAIN_ARGS` as `nproc` processes under torchrun; returns its exit code."""
+    """Run `swinkit train TRAIN_ARGS` as `nproc` processes under torchrun; returns its exit code.
+
+    SIGTERM sent to this process is passed on to torchrun, which passes it to every rank: they stop
+    together at a step boundary, after saving. SIGINT is left to the terminal, which sends Ctrl-C to
+    torchrun and the ranks itself (passing it on too would make it arrive twice)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "swinkit", "train", *train_args]
-    return subprocess.call(command)
+    child = subprocess.Popen(command)
+    forwarded = []
+
+    def forward(signum, frame) -> None:
+        forwarded.append(signum)
+        child.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                    signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if forwarded and code != 0:  # torchrun ends with status 1 (and its own traceback) when signalled
+        return 128 + forwarded[0]
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N

@@ -1,30 +1,68 @@
-"""AdamW with the official Swin weight-decay split, and the per-step warmup + cosine schedule."""
+"""AdamW with the official Swin weight-decay split (and, for fine-tuning, layer-wise lr decay),
+and the per-step warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip_keywords: tuple[str, ...] = ()) -> list[dict]:
-    """Two AdamW groups: decayed weights, and the rest (1-D params such as norms, biases, and any
-    name containing one of `skip_keywords`, e.g. relative_position_bias_table, logit_scale, cpb_mlp)."""
-    decay, no_decay = [], []
+def layer_id(name: str, depths: Sequence[int]) -> int:
+    """A parameter's depth for layer-wise lr decay (the official SimMIM / BEiT fine-tuning rule, on
+    native names): 0 for the patch embedding (and mask token), 1..sum(depths) for the blocks in order,
+    the id of the last block before it for patch merging, sum(depths) + 1 for the final norm and head."""
+    if name.startswith(("patch_embed.", "mask_token")):
+        return 0
+    block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
+    if block:
+        stage, index = int(block.group(1)), int(block.group(2))
+        return sum(depths[:stage]) + index + 1
+    merging = re.match(r"layers\.(\d+)\.downsample\.", name)
+    if merging:
+        return sum(depths[:int(merging.group(1))])
+    return sum(depths) + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip_keywords: tuple[str, ...] = (),
+                 layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: decayed weights, and the rest (1-D params such as norms, biases, and any name
+    containing one of `skip_keywords`, e.g. relative_position_bias_table, logit_scale, cpb_mlp).
+
+    With `layer_decay` (fine-tuning), each of the two is split by `layer_id`, and a group's
+    `lr_scale` is layer_decay ** (top - id): the head and final norm train at the full rate, the
+    patch embedding at layer_decay ** (sum(depths) + 1). The schedule multiplies its lr by it."""
+    depths = model.config.depths if layer_decay is not None else ()
+    top = sum(depths) + 1
+    groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or any(word in name for word in skip_keywords):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = decays(name, param.ndim, skip_keywords)
+        layer = layer_id(name, depths) if layer_decay is not None else top
+        group = groups.setdefault((layer, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0})
+        if layer_decay is not None:
+            group["lr_scale"] = layer_decay ** (top - layer)
+        group["params"].append(param)
+    if layer_decay is None:  # the two plain groups, always both (optimizer state layout)
+        for decayed in (True, False):
+            groups.setdefault((top, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0})
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
+def decays(name: str, ndim: int, skip_keywords: tuple[str, ...] = ()) -> bool:
+    """THE weight-decay rule (official Swin), by native parameter name and rank; the JAX trainer uses it too."""
+    return not (ndim <= 1 or name.endswith(".bias") or any(word in name for word in skip_keywords))
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas, eps: float,
+                    layer_decay: float | None = None) -> torch.optim.AdamW:
     keywords = tuple(getattr(model, "no_weight_decay_keywords", lambda: ())())
-    return torch.optim.AdamW(param_groups(model, weight_decay, keywords), lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(param_groups(model, weight_decay, keywords, layer_decay), lr=lr, betas=tuple(betas),
+                             eps=eps)
 
 
 def scaled_lrs(lr: float, warmup_lr: float, min_lr: float, images_per_step: int, reference_batch: int,
@@ -69,7 +107,7 @@ class WarmupCosineSchedule:
     def _apply(self) -> None:
         lr = self.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "peak_lr": self.peak_lr, "warmup_lr": self.warmup_lr,

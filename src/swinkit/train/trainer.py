@@ -6,48 +6,82 @@
         validate -> best.safetensors -> last.ckpt
 
 on one process or under torchrun (DDP; FSDP with `train.strategy: fsdp`). Rank 0 alone
-writes files. See `train/data.py` for why data order and augmentation are reproducible,
-`train/checkpoint.py` for what `last.ckpt` holds (together they make `--resume` exact) and
-`train/distributed.py` for everything that knows about more than one process.
+writes files, and holds the run folder's lock for the whole run. SIGTERM / SIGINT stop the
+loop at the next step boundary, after a save (`train/signals.py`). See `train/data.py` for why
+data order and augmentation are reproducible, `train/checkpoint.py` for what `last.ckpt` holds
+(together they make `--resume` exact) and `train/distributed.py` for everything that knows
+about more than one process.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..api import create_model, load_weights, save_weights
 from ..data.transforms import channel_stats
+from ..files import FolderLock, remove_stale_temps
 from ..metadata import META_CLASSES, META_STEP, META_WEIGHTS, Preprocess
 from ..models.registry import SwinConfig
 from ..models.swin import SwinTransformer
 from ..precision import autocast_dtype
 from ..weights.io import CheckpointError
 from . import distributed, lean
-from .checkpoint import ModelEma, capture_rng, load_train_state, restore_rng, save_train_state, seed_everything
+from .checkpoint import (LAST, PREVIOUS, ModelEma, capture_rng, check_state_fits, load_train_state, restore_rng,
+                         save_train_state, seed_everything)
 from .config import ConfigError, ModelSection, TrainConfig, save_config
 from .data import UnreadableImages, build_training_data, open_image_folders
-from .evaluate import evaluate_model, summarize
+from .objectives import build_objective
 from .lean.allocator import returning_freed_memory
 from .logs import MetricsLog, TensorBoard, plot_curves, progress_bar
 from .optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
+from .signals import StopSignals
 
 log = logging.getLogger("swinkit.train")
 
 def train(config: TrainConfig) -> dict:
-    """Run (or, with `train.resume`, continue) training as `config` says; returns the final metrics."""
+    """Run (or, with `train.resume`, continue) training as `config` says; returns the final metrics.
+
+    "interrupted" in the result is None, or the name of the signal ("SIGTERM", "SIGINT") that
+    stopped the run early, after saving a checkpoint to continue from with `train.resume`.
+    A second run in the same folder fails with `FolderInUseError` naming the first.
+    """
     env = distributed.setup(config.train.device)
+    lock = None
     try:
+        lock = _lock_run_folder(Path(config.output.dir), env)
         return Trainer(config, env).fit()
     finally:
+        if lock is not None:
+            lock.release()
         distributed.teardown()
+
+
+def _lock_run_folder(out: Path, env: distributed.DistEnv) -> FolderLock | None:
+    """Rank 0 locks `out` before anything in it is read or written, then removes the temporary files
+    of writes a killed run left; when it cannot lock, every rank raises."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = FolderLock(out, "training run")
+        except Exception as caught:  # reported below, once every rank knows
+            error = caught
+    if distributed.all_reduce_max(int(error is not None), env):
+        raise error if error is not None else ConfigError(f"rank 0 could not lock the run folder '{out}'")
+    if env.is_main:
+        stale = remove_stale_temps(out)
+        if stale:
+            log.warning("%s: removed %d temporary file(s) left by an interrupted write: %s", out, len(stale),
+                        ", ".join(path.name for path in stale))
+    return lock
 
 
 def build_model(section: ModelSection, num_classes: int | None = None) -> SwinTransformer:
@@ -113,27 +147,34 @@ class Trainer:
     def __init__(self, config: TrainConfig, env: distributed.DistEnv):
         self.config, self.env, self.device = config, env, env.device
         self.out = Path(config.output.dir)
+        self.stop = StopSignals(announce=env.is_main)  # entered by `fit`
+        self.resume_path: Path | None = None  # the checkpoint this run continues
         self.amp_dtype = autocast_dtype(config.train.precision)
         if config.train.strategy == "fsdp" and config.train.ema:
             raise ConfigError("train.ema is not supported with train.strategy fsdp")
 
         resume = self._resume_state()
         seed_everything(config.train.seed)
-        train_folder, val_folder = open_image_folders(config.data)
+        train_folder, val_folder = open_image_folders(config.data, config.train.seed,
+                                                      unlabelled=config.pretrain.method is not None)
         classes = train_folder.classes if train_folder is not None else None
-        self.model_raw = build_model(config.model, num_classes=len(classes) if classes else config.model.num_classes)
-        if classes is not None and self.model_raw.num_classes != len(classes):
-            raise ConfigError(f"model.num_classes is {self.model_raw.num_classes} but {config.data.path} "
+        self.objective = build_objective(self)  # classification, or pre-training without labels
+        labelled = self.objective.labelled
+        num_classes = (len(classes) if classes else config.model.num_classes) if labelled else 0
+        self.backbone = build_model(config.model, num_classes=num_classes)  # the Swin model itself
+        if labelled and classes is not None and self.backbone.num_classes != len(classes):
+            raise ConfigError(f"model.num_classes is {self.backbone.num_classes} but {config.data.path} "
                               f"has {len(classes)} classes")
-        self.classes = classes or [f"class_{i}" for i in range(self.model_raw.num_classes)]
-        model_config = self.model_raw.config
+        self.classes = (classes or [f"class_{i}" for i in range(self.backbone.num_classes)]) if labelled else []
+        self.model_raw = self.objective.wrap(self.backbone)  # what is trained (the backbone, or SimMIM around it)
+        model_config = self.backbone.config
         in_chans = model_config.in_chans
         self.preprocess = Preprocess(model_config.img_size, in_chans,
                                      _channel_values(config.data.mean or model_config.mean, in_chans, "mean"),
                                      _channel_values(config.data.std or model_config.std, in_chans, "std"),
                                      config.data.crop_pct, config.data.interpolation)
         self._resolve_config()
-        self.data = build_training_data(config, self.preprocess, env, self.model_raw.num_classes,
+        self.data = build_training_data(config, self.preprocess, env, len(self.classes) or 1,
                                         train_folder, val_folder)
         self.unreadable = UnreadableImages([train_folder, val_folder], config.data.max_bad_fraction)
         self.unreadable.check(env)  # data.cache has read every image already
@@ -141,6 +182,7 @@ class Trainer:
 
         self.best = {"top1": -1.0, "epoch": None, "step": None, "weights": None}
         self.position = {"epoch": 0, "micro_step": 0, "global_step": 0}  # micro_step: consumed in this epoch
+        self.saved_position: dict | None = None  # where last.ckpt stands
         self.since_last_log, self.epoch_totals = RunningTotals(), RunningTotals()
         if resume is not None:
             self._restore(resume)
@@ -153,11 +195,12 @@ class Trainer:
         """Train to `total_steps`. Under a memory budget on CPU, freed memory goes back to the OS while
         training runs (the budget's estimate assumes it; `train.lean.allocator`)."""
         returning = self.config.model.memory_budget and self.device.type == "cpu"
-        with returning_freed_memory() if returning else nullcontext():
+        with returning_freed_memory() if returning else nullcontext(), self.stop:
             return self._train()
 
     def _train(self) -> dict:
-        """Optimizer steps up to `total_steps`; validation and last.ckpt at every epoch end."""
+        """Optimizer steps up to `total_steps`; validation and last.ckpt at every epoch end. A stop request
+        (SIGTERM / SIGINT) ends the run at the next step boundary, after a save."""
         accumulation, batches_per_epoch = self.config.optim.accumulation_steps, self.data.sampler.batches_per_epoch
         log_every, save_every = self.config.train.log_every, self.config.train.save_every
         if self.position["global_step"] >= self.total_steps:
@@ -188,37 +231,43 @@ class Trainer:
                     break
                 if save_every and step % save_every == 0 and self.position["micro_step"] < batches_per_epoch:
                     self._save()  # (an epoch end saves anyway)
+                if self.position["micro_step"] < batches_per_epoch and (signum := self._stop_requested()):
+                    if bar is not None:
+                        bar.close()
+                    return self._interrupted(signum)  # (at an epoch end: after validation, below)
             if bar is not None:
                 bar.close()
             last_eval = self._end_of_epoch(epoch, time.perf_counter() - epoch_started)
             self._save()
+            if self.position["global_step"] < self.total_steps and (signum := self._stop_requested()):
+                return self._interrupted(signum)
         return {**self._finish(last_eval), "train_seconds": time.perf_counter() - started}
+
+    def _stop_requested(self) -> int:
+        """The signal that asked the run to stop, or 0; under torchrun the largest over all ranks, so that
+        every rank stops at the same step."""
+        return distributed.all_reduce_max(self.stop.requested, self.env)
+
+    def _interrupted(self, signum: int) -> dict:
+        """Save where the run stands and end it early (all ranks call)."""
+        self._save()
+        name = signal.Signals(signum).name
+        if self.env.is_main:
+            print(f"{name}: stopped at step {self.position['global_step']}/{self.total_steps}; saved "
+                  f"{self.out / LAST}, continue with --resume", flush=True)
+        return {**self._finish(None), "interrupted": name}
 
     def _forward_backward(self, batches) -> None:
         """Gradients of `accumulation_steps` micro-batches from `batches`, summed into `.grad`."""
         accumulation = self.config.optim.accumulation_steps
         for micro in range(accumulation):
             images, labels = next(batches)
-            if self.data.mix is not None:
-                images, targets = self.data.mix(images, labels)
-            else:
-                targets = torch.as_tensor(labels).long()
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
             with distributed.no_sync(self.model, accumulating=micro < accumulation - 1):
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    logits = self.model(images)
-                loss = self._loss(logits, targets)
+                loss = self.objective.batch_loss(images, labels)  # to the device, forward under autocast, loss
                 self.scaler.scale(loss / accumulation).backward()
             loss = loss.detach()
             self.since_last_log.add(loss, labels.shape[0])
             self.epoch_totals.add(loss, labels.shape[0])
-
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if targets.ndim == 2:  # soft targets from mixup/cutmix, smoothing included
-            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, targets, label_smoothing=self.config.augment.label_smoothing)
 
     def _optimizer_step(self) -> bool:
         """Clip, step, update EMA; returns False when the step was skipped (non-finite gradients)."""
@@ -252,7 +301,7 @@ class Trainer:
         totals = self.since_last_log.over_ranks(self.env)
         elapsed = time.perf_counter() - self.last_log_time
         record = {"step": self.position["global_step"], "epoch": self.position["epoch"], "loss": totals.mean(),
-                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "lr": self.schedule.lr,
                   "img_per_s": totals.images / elapsed if elapsed > 0 else None, "grad_norm": float(self.grad_norm)}
         if totals.skipped_steps:
             record["skipped_steps"] = int(totals.skipped_steps)
@@ -281,7 +330,10 @@ class Trainer:
             self.epoch_totals.reset()
         record = {"step": self.position["global_step"], "epoch": epoch + 1, "train_loss": train_loss,
                   "epoch_time_s": seconds}
-        result = self._validate(epoch, record) if self.data.val_loader is not None else None
+        finished = self.position["global_step"] >= self.total_steps
+        due = finished or (epoch + 1) % self.config.train.val_every == 0
+        result = self.objective.validate(epoch, record) if self.data.val_loader is not None and due else None
+        self.objective.end_of_epoch(epoch)
         record["bad_images"] = self.unreadable.check(self.env)
         if not self.env.is_main:
             return result
@@ -295,68 +347,73 @@ class Trainer:
         summary = f"epoch {epoch + 1}/{self.config.schedule.epochs} step {record['step']}/{self.total_steps} " \
                   f"train loss {train_loss:.4f}"
         if result is not None:
-            summary += f"  val top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%"
+            summary += self.objective.summary(result)
         print(f"{summary}  ({seconds:.1f} s)", flush=True)
         return result
-
-    def _validate(self, epoch: int, record: dict) -> dict:
-        """Evaluate the model (and its EMA) into `record`; a new best top-1 -> best.safetensors."""
-        result = self._evaluate(self.model_raw)
-        record.update(val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"],
-                      val_images=result["images"])
-        candidates = [("model", result["top1"])]
-        if self.ema is not None:
-            ema = self._evaluate(self.ema.module)
-            record.update(ema_val_top1=ema["top1"], ema_val_top5=ema["top5"])
-            candidates.append(("ema", ema["top1"]))
-        source, top1 = max(candidates, key=lambda item: item[1])
-        if top1 > self.best["top1"]:
-            self.best = {"top1": top1, "epoch": epoch + 1, "step": self.position["global_step"], "weights": source}
-            state = distributed.model_state(self.model_raw, sharded=True) if self.fsdp else None
-            if self.env.is_main:
-                self._write_weights(state, self.out / "best.safetensors", source)
-        return result
-
-    def _evaluate(self, module: nn.Module) -> dict:
-        counts = evaluate_model(module, self.data.val_loader, self.device, amp_dtype=self.amp_dtype)
-        keys = ("images", "correct_top1", "correct_top5", "loss_sum")
-        totals = distributed.all_reduce_sum([counts[k] for k in keys], self.env)
-        return summarize({k: (int(v) if k != "loss_sum" else v) for k, v in zip(keys, totals)})
 
     def _finish(self, last_eval: dict | None) -> dict:
         if self.env.is_main:
             self.metrics.close()
             self.tensorboard.close()
         return {"output": str(self.out), "steps": self.position["global_step"], "best_top1": self.best["top1"],
-                "val": last_eval}
+                "val": last_eval, "interrupted": None}
 
     # ------------------------------------------------------------------ setup
     def _resume_state(self) -> dict | None:
-        ckpt = self.out / "last.ckpt"
+        """The state to continue from: last.ckpt, or previous.ckpt (with a warning) when last.ckpt is
+        missing or unreadable; None to start afresh."""
+        last, previous = self.out / LAST, self.out / PREVIOUS
         if not self.config.train.resume:
-            if ckpt.exists():
-                raise ConfigError(f"{self.out} already holds a run ({ckpt}); pass --resume to continue it "
+            held = next((path for path in (last, previous) if path.exists()), None)
+            if held is not None:
+                raise ConfigError(f"{self.out} already holds a run ({held}); pass --resume to continue it "
                                   "or choose another --output")
             return None
-        if not ckpt.exists():
-            if self.env.is_main:
-                log.warning("--resume: %s has no last.ckpt yet; starting from scratch", self.out)
-            return None
-        return load_train_state(ckpt)
+        failures = []
+        for path in (last, previous):
+            if not path.exists():
+                continue
+            try:
+                state = load_train_state(path)
+            except CheckpointError as error:
+                failures.append(error)
+                continue
+            if path != last and self.env.is_main:
+                why = "is missing"
+                if failures:  # set it aside, or the next save would rotate it into previous.ckpt
+                    aside = last.with_name(LAST + ".unreadable")
+                    os.replace(last, aside)
+                    why = f"is unreadable ({failures[0]}; kept as {aside.name})"
+                log.warning("--resume: %s %s; resuming from %s (step %d) instead", last, why, path,
+                            state["position"]["global_step"])
+            self.resume_path = path
+            return state
+        if failures:
+            if len(failures) == 2:
+                also = f"{PREVIOUS} is unreadable too"
+            elif last.exists():
+                also = f"there is no {PREVIOUS} to fall back on"
+            else:
+                also = f"there is no {LAST}"
+            raise CheckpointError(f"{failures[0]}; and {also}")
+        if self.env.is_main:
+            log.warning("--resume: %s has no %s yet; starting from scratch", self.out, LAST)
+        return None
 
     def _resolve_config(self) -> None:
         """Write back what was left to defaults, so config.yaml says what actually ran."""
         model, pre = self.config.model, self.preprocess
-        model.num_classes = self.model_raw.num_classes
+        if self.objective.labelled:  # a pre-training encoder has no head: its recipe's count stays as written
+            model.num_classes = self.backbone.num_classes
         model.img_size = pre.img_size[0] if pre.img_size[0] == pre.img_size[1] else None
         model.in_chans = pre.in_chans
-        model.drop_path_rate = self.model_raw.config.drop_path_rate
+        model.drop_path_rate = self.backbone.config.drop_path_rate
         self.config.data.mean, self.config.data.std = list(pre.mean), list(pre.std)
 
     def _build_model_and_optimizer(self) -> None:
         cfg, env, model = self.config, self.env, self.model_raw
         model.to(self.device)
-        self._apply_memory_policy(model)
+        self._apply_memory_policy(self.backbone)
         self.fsdp = env.distributed and cfg.train.strategy == "fsdp"
         if self.fsdp:
             distributed.shard(model)
@@ -366,11 +423,11 @@ class Trainer:
 
         optim, schedule = cfg.optim, cfg.schedule
         self.optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
-                                         eps=optim.eps)
+                                         eps=optim.eps, layer_decay=optim.layer_decay)
         images_per_step = self.data.sampler.global_batch * optim.accumulation_steps
         peak, warmup_lr, min_lr = scaled_lrs(optim.lr, schedule.warmup_lr, schedule.min_lr, images_per_step,
                                              optim.lr_reference_batch, optim.scale_lr)
-        self.steps_per_epoch = self.data.sampler.batches_per_epoch // optim.accumulation_steps
+        self.steps_per_epoch = self.data.sampler.batches_per_epoch // optim.accumulation_steps  # >= 1 (sampler)
         self.total_steps = schedule.epochs * self.steps_per_epoch
         if schedule.max_steps is not None:
             self.total_steps = min(self.total_steps, schedule.max_steps)
@@ -379,7 +436,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16-mixed")
         if env.is_main:
             log.info("%s: %.2fM params, %d steps (%d per epoch), %d images per step, peak lr %.3g",
-                     model.name or "model", model.num_params() / 1e6, self.total_steps, self.steps_per_epoch,
+                     self.backbone.name or "model", sum(p.numel() for p in model.parameters()) / 1e6,
+                     self.total_steps, self.steps_per_epoch,
                      images_per_step, peak)
 
     def _apply_memory_policy(self, model: SwinTransformer) -> None:
@@ -422,20 +480,34 @@ class Trainer:
         if self.fsdp:
             from ..api import model_metadata
             from ..weights.io import write_safetensors
-            write_safetensors(state, path, model_metadata(self.model_raw, self._weights_metadata(source)))
+            write_safetensors(state, path, model_metadata(self.backbone, self._weights_metadata(source)))
         else:
             module = self.ema.module if source == "ema" else self.model_raw
             save_weights(module, path, metadata=self._weights_metadata(source))
 
+    def _write_encoder(self, state: dict | None, path: Path) -> None:
+        """The backbone alone (no head, no mask token) of a pre-training run, for fine-tuning."""
+        if self.fsdp:
+            from ..api import model_metadata
+            from ..weights.io import write_safetensors
+            native = {k[len("encoder."):]: v for k, v in state.items()
+                      if k.startswith("encoder.") and k != "encoder.mask_token"}
+            write_safetensors(native, path, model_metadata(self.backbone, self._weights_metadata("model")))
+        else:
+            save_weights(self.backbone, path, metadata=self._weights_metadata("model"))
+
     def _save(self) -> None:
-        """last.safetensors + last.ckpt at the current position (all ranks call; rank 0 writes)."""
+        """last.ckpt at the current position (read back before it replaces the old one, which becomes
+        previous.ckpt), then last.safetensors: a failed save leaves the pair as it was, and the weights
+        never run ahead of the checkpoint (all ranks call; rank 0 writes)."""
+        if self.saved_position == self.position:
+            return
         rng = distributed.all_gather_objects(capture_rng(), self.env)
         running = distributed.all_gather_objects({"since_last_log": self.since_last_log.state_dict(),
                                                   "epoch": self.epoch_totals.state_dict()}, self.env)
         model_state = distributed.model_state(self.model_raw, self.fsdp)
         optimizer_state = distributed.optimizer_state(self.model_raw, self.optimizer, self.fsdp)
         if self.env.is_main:
-            self._write_weights(model_state, self.out / "last.safetensors", "model")
             save_train_state({
                 "model": model_state, "optimizer": optimizer_state, "scheduler": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -443,28 +515,38 @@ class Trainer:
                 "rng": rng, "position": dict(self.position), "best": dict(self.best), "running": running,
                 "world_size": self.env.world_size, "global_batch": self.data.sampler.global_batch,
                 "config": self.config.to_dict(),
-            }, self.out / "last.ckpt")
+            }, self.out / LAST, previous=self.out / PREVIOUS)
+            self._write_weights(model_state, self.out / "last.safetensors", "model")
         distributed.barrier(self.env)
+        self.saved_position = dict(self.position)
 
     def _restore(self, state: dict) -> None:
+        path = self.resume_path
         if state["global_batch"] != self.data.sampler.global_batch:
-            raise CheckpointError(f"{self.out / 'last.ckpt'} was trained with a global batch of {state['global_batch']} "
+            raise CheckpointError(f"'{path}' was trained with a global batch of {state['global_batch']} "
                                   f"images per micro-step; this run has {self.data.sampler.global_batch} "
                                   "(batch_size x processes must match to resume)")
-        distributed.load_state(self.model_raw, self.optimizer, state["model"], state["optimizer"], self.fsdp)
-        self.schedule.load_state_dict(state["scheduler"])
-        if state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.position = dict(state["position"])
-        self.best = dict(state["best"])
-        rank = self.env.rank
-        if state["running"]:
-            running = state["running"][rank if rank < len(state["running"]) else 0]
-            self.since_last_log.load_state_dict(running["since_last_log"])
-            self.epoch_totals.load_state_dict(running["epoch"])
-        restore_rng(state["rng"][rank if rank < len(state["rng"]) else 0])
+        check_state_fits(self.model_raw, state["model"], path)
+        try:
+            distributed.load_state(self.model_raw, self.optimizer, state["model"], state["optimizer"], self.fsdp)
+            self.schedule.load_state_dict(state["scheduler"])
+            if state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.position = dict(state["position"])
+            self.best = dict(state["best"])
+            rank = self.env.rank
+            if state["running"]:
+                running = state["running"][rank if rank < len(state["running"]) else 0]
+                self.since_last_log.load_state_dict(running["since_last_log"])
+                self.epoch_totals.load_state_dict(running["epoch"])
+            restore_rng(state["rng"][rank if rank < len(state["rng"]) else 0])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:  # the file's, not the code's
+            first_line = (str(error).splitlines() or [""])[0]
+            raise CheckpointError(f"'{path}' cannot be resumed from: {type(error).__name__}: {first_line}") \
+                from error
+        self.saved_position = dict(self.position)
         if self.env.is_main:
             print(f"resumed {self.out} at epoch {self.position['epoch'] + 1}, step {self.position['global_step']}",
                   flush=True)

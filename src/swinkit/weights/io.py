@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import SwinkitError
 from ..files import atomic_write
 
-__all__ = ["CheckpointError", "read_checkpoint", "write_safetensors"]
+__all__ = ["CheckpointError", "check_hf_config", "read_checkpoint", "read_safetensors_header",
+           "write_safetensors"]
 
 
-class CheckpointError(Exception):
+class CheckpointError(SwinkitError):
     """A checkpoint file or folder that cannot be read; the message names it and says why."""
 
 
@@ -36,6 +38,11 @@ _EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                     "pytorch_model.bin", "pytorch_model.bin.index.json")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the limit the safetensors format itself sets
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json, shard indexes
+# Bytes per element of the safetensors dtypes (sub-byte float types are left to the library's own check).
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -67,9 +74,8 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with open(path, "rb") as f:
         head = f.read(9)
     if path.suffix == ".safetensors" or _looks_like_safetensors(head, size):
+        _, metadata = read_safetensors_header(path)  # what safetensors itself lets through is refused here
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
             return _clean(load_file(str(path), device="cpu"), path), metadata
         except Exception as e:
             raise CheckpointError(f"'{path}' is truncated or corrupt ({_first_line(e)})") from e
@@ -105,13 +111,15 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if name.endswith(".index.json"):
         index_path = folder / name
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = _read_json(index_path)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("'weight_map' must map tensor names to shard file names")
             shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"'{index_path}' is not a valid shard index ({_first_line(e)})") from e
         state_dict, metadata = {}, {}
         for shard in shards:
-            shard_dict, shard_metadata = _read_file(_existing(folder / shard, index_path))
+            shard_dict, shard_metadata = _read_file(_existing(_shard_path(folder, shard, index_path), index_path))
             state_dict.update(shard_dict)
             metadata.update(shard_metadata)
         missing = sorted(set(weight_map) - set(state_dict))
@@ -124,11 +132,71 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state_dict, metadata
 
 
-def _read_hf_config(path: Path) -> str:
+def _read_json(path: Path) -> object:
+    """A small JSON file (config.json, a shard index); a huge or deeply nested one raises ValueError."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} such a file may have")
     try:
-        return json.dumps(json.loads(path.read_text()))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _read_hf_config(path: Path) -> str:
+    """config.json as a JSON string, checked to be an object whose fields swinkit reads have usable types."""
+    try:
+        config = _read_json(path)
     except ValueError as e:
         raise CheckpointError(f"'{path}' is not valid JSON ({_first_line(e)})") from e
+    return json.dumps(check_hf_config(config, str(path)))
+
+
+def check_hf_config(config: object, source: str) -> dict:
+    """A Hugging Face config (a dict, or its JSON text) checked to be an object whose fields swinkit reads
+    have usable types; `CheckpointError` naming `source` otherwise."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"'{source}' is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"'{source}' holds a JSON {type(config).__name__}, expected an object of settings")
+    for key, valid in _HF_CONFIG_TYPES.items():
+        if config.get(key) is not None and not valid(config[key]):
+            raise CheckpointError(f"'{source}' has {key} {config[key]!r}, expected {_HF_CONFIG_EXPECTED[key]}")
+    return config
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# The config.json fields swinkit reads (`api._config_from_checkpoint`), and what each must be.
+_HF_CONFIG_TYPES = {
+    "window_size": _positive_int,
+    "image_size": lambda v: _positive_int(v) or (isinstance(v, list) and len(v) == 2 and all(map(_positive_int, v))),
+}
+_HF_CONFIG_EXPECTED = {"window_size": "a positive integer", "image_size": "a positive integer or [height, width]"}
+
+
+def _shard_path(folder: Path, shard: str, index_path: Path) -> Path:
+    """`folder / shard`, refused when the name leads outside `folder` ('..', an absolute path, a link out).
+
+    A Hugging Face hub cache folder (`snapshots/<revision>/`) links its files to `../../blobs/`; those are read.
+    """
+    parts = PurePosixPath(shard).parts
+    if not shard or "\0" in shard or PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).anchor \
+            or ".." in parts or ".." in PureWindowsPath(shard).parts:
+        raise CheckpointError(f"'{index_path}' names shard '{shard}', which is outside the folder '{folder}'; "
+                              "swinkit reads only files inside the folder it is given")
+    path = folder / shard
+    inside = folder.resolve()
+    target = path.resolve()
+    hub_blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
+    if not (target.is_relative_to(inside) or (hub_blobs is not None and target.parent == hub_blobs)):
+        raise CheckpointError(f"'{index_path}' names shard '{shard}', a link to '{target}' outside the folder "
+                              f"'{folder}'; swinkit reads only files inside the folder it is given")
+    return path
 
 
 def _existing(path: Path, referenced_by: Path) -> Path:
@@ -166,6 +234,86 @@ def _clean(state_dict: Mapping, path: Path) -> dict[str, torch.Tensor]:
                 state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
                 stripped = True
     return state_dict
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """(tensor entries, string metadata) of a safetensors file, read and checked without loading a tensor.
+
+    The header (an 8-byte little-endian length, then JSON) is parsed here rather than trusted to the
+    safetensors library, which keeps the later of two entries with the same name: a name given twice, a
+    header longer than the file or than `MAX_SAFETENSORS_HEADER`, offsets outside the data or
+    overlapping, or a byte count that does not fit the dtype and shape raise `CheckpointError`.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if length is None or length > size - 8:
+            raise CheckpointError(f"'{path}' is truncated or corrupt (its safetensors header is longer than the file)")
+        if length > MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(f"'{path}' has a safetensors header of {length} bytes, more than the "
+                                  f"{MAX_SAFETENSORS_HEADER} swinkit reads")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"'{path}' names '{e.key}' twice in its safetensors header (safetensors would "
+                              "silently keep the second); the file is corrupt or was tampered with") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"'{path}' is truncated or corrupt (its safetensors header is not valid JSON: "
+                              f"{_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{path}' is corrupt (its safetensors header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"'{path}' is corrupt (its safetensors metadata is not a map of strings)")
+    data_size = size - 8 - length
+    spans = []
+    for name, entry in header.items():
+        problem = _entry_problem(entry, data_size)
+        if problem:
+            raise CheckpointError(f"'{path}' is truncated or corrupt: tensor '{name}' {problem}")
+        spans.append((*entry["data_offsets"], name))
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"'{path}' is corrupt: tensors '{name}' and '{other}' share bytes")
+    return header, metadata
+
+
+def _entry_problem(entry, data_size: int) -> str | None:
+    """Why a safetensors header entry cannot describe a tensor in `data_size` bytes of data, if it cannot."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return "has no dtype"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        return f"has an invalid shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        return f"has data offsets {offsets!r} outside the file's {data_size} data bytes"
+    itemsize = _DTYPE_BYTES.get(entry["dtype"])
+    if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+        return (f"of dtype {entry['dtype']} and shape {shape} needs {math.prod(shape) * itemsize} bytes, "
+                f"but its data offsets span {offsets[1] - offsets[0]}")
+    return None
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """`json.loads` object hook: a JSON object naming a key twice is refused, not silently merged."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import SwinkitError
 from ..models.attention import relative_coords_table, relative_position_index, window_attention_mask
 from ..models.registry import SwinConfig
 
@@ -41,7 +42,7 @@ __all__ = ["LAYOUTS", "LayoutError", "detect_layout", "version_of", "infer_confi
 LAYOUTS = ("native", "official", "timm", "hf", "torchvision")
 
 
-class LayoutError(ValueError):
+class LayoutError(SwinkitError, ValueError):
     """A state dict whose keys or tensors no supported layout can represent; the message names them."""
 
 
@@ -480,8 +481,8 @@ def hf_config(config: SwinConfig, num_labels: int | None = None, *, masked_image
     version = config.version
     height, width = config.img_size
     labels = {i: f"LABEL_{i}" for i in range(num_labels)}
-    out = {
     task = "MaskedImageModeling" if masked_image_modeling else "ImageClassification"
+    out = {
         "model_type": "swin" if version == 1 else "swinv2",
         "architectures": [f"Swin{'' if version == 1 else 'v2'}For{task}"],
         "image_size": height if height == width else [height, width],
