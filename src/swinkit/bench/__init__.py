@@ -4,6 +4,8 @@
                     INT8) against timm, torchvision, Hugging Face and ONNX Runtime on timm's export
     train.py        `swinkit bench train`: per setting (fp32, amp, recomputation) the largest batch that
                     trains within a memory budget and its speed, each run in `train_child.py`
+    jax.py          `swinkit bench jax`: swinkit-JAX against swinkit-PyTorch and timm, trained and validated
+                    from the same weights on the same data, each backend run in `jax_child.py`
     peers.py        the peer models;  machine.py  what the run was measured on
 """
 from .infer import bench_infer, format_table, gemm_peak, plot

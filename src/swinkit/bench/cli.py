@@ -1,5 +1,5 @@
-"""`swinkit bench`: `infer` (argument parsing and printing around `bench.infer.bench_infer`) and
-`train` (registered from `bench.train`)."""
+"""`swinkit bench`: `infer` (argument parsing and printing around `bench.infer.bench_infer`),
+`train` (registered from `bench.train`) and `jax` (from `bench.jax`)."""
 from __future__ import annotations
 
 import argparse
@@ -58,3 +58,5 @@ def register(subparsers) -> None:
 
     from .train import register_train  # `bench train` lives with the training benchmark
     register_train(kinds)
+    from .jax import register_jax  # `bench jax` lives with the JAX-vs-PyTorch benchmark
+    register_jax(kinds, _int_list)

@@ -39,7 +39,8 @@ def timm_model(config: SwinConfig) -> torch.nn.Module:
     from timm.models import swin_transformer, swin_transformer_v2
     kwargs = dict(img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
                   num_classes=config.num_classes, embed_dim=config.embed_dim, depths=config.depths,
-                  num_heads=config.num_heads, window_size=config.window_size, mlp_ratio=config.mlp_ratio)
+                  num_heads=config.num_heads, window_size=config.window_size, mlp_ratio=config.mlp_ratio,
+                  qkv_bias=config.qkv_bias, drop_path_rate=config.drop_path_rate)  # drop path acts in train mode only
     try:
         if config.version == 1:
             model = swin_transformer.SwinTransformer(**kwargs)
