@@ -27,12 +27,7 @@ EPOCHS = ("schedule.epochs=3", "train.save_every=2", "train.log_every=1", "train
           "model.drop_path_rate=0.1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ckpt_step(path: Path) -> int:

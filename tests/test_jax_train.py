@@ -45,12 +45,7 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def initial_weights(path: Path, name: str = V2, **overrides) -> Path:

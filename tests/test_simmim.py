@@ -285,3 +285,26 @@ def test_pretraining_reads_a_folder_of_images_without_class_folders(tmp_path):
     assert (tmp_path / "run" / "encoder.safetensors").is_file()
     with pytest.raises(DataError, match="class folders"):  # a classifier still needs labels
         train(load_config(None, [*keys, f"output.dir={tmp_path / 'run2'}"]))
+
+
+@pytest.mark.parametrize("keys", [["train.precision=bf16-mixed"], ["model.memory_budget=1GB"],
+                                  ["model.grad_checkpointing=true", "train.ema=true"]],
+                         ids=["bf16", "memory-budget", "recompute+ema"])
+def test_pretraining_runs_under_the_trainers_policies(tmp_path, keys, caplog):
+    from swinkit.train import lean, load_config
+    from swinkit.train.trainer import Trainer, distributed
+    config = load_config(None, ["model.name=swinv2_nano_patch2_window4_32", "data.synthetic=true",
+                                "data.synthetic_train_size=16", "data.synthetic_val_size=8", "data.workers=0",
+                                "train.batch_size=4", "schedule.epochs=1", "schedule.warmup_epochs=0",
+                                "augment.mixup=0", "augment.cutmix=0", "pretrain.method=simmim",
+                                "pretrain.mask_patch_size=4", "output.tensorboard=false", "output.curves=false",
+                                f"output.dir={tmp_path / 'run'}", *keys])
+    trainer = Trainer(config, distributed.setup("cpu"))
+    plan = lean.plan_of(trainer.backbone)
+    assert lean.is_installed(trainer.backbone) and len(plan) == len(trainer.backbone.blocks())
+    if "model.grad_checkpointing=true" in keys:
+        assert set(plan) == {"full"}
+    before = trainer.model_raw.encoder.mask_token.detach().clone()
+    result = trainer.fit()
+    assert result["steps"] == 4 and math.isfinite(result["val"]["loss"])
+    assert not torch.equal(before, trainer.model_raw.encoder.mask_token)  # the token is trained

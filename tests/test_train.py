@@ -63,13 +63,7 @@ def assert_same_tensors(a: Path, b: Path, atol: float | None = None) -> None:
             torch.testing.assert_close(first[key], second[key], atol=atol, rtol=0, msg=key)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine has 2 shared cores; one intra-op thread is much faster than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def image_folder(root: Path, per_class: dict[str, int], size: int = 32, corrupt: int = 0) -> Path:

@@ -396,15 +396,6 @@ def plot(report: dict, path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- command line
-def _non_negative_float(text: str) -> float:
-    import argparse
-    from ..cli_types import _number
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def _cmd_jax(args) -> int:
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
     report = bench_jax(args.model, batch_sizes=args.batch_sizes, epochs=args.epochs,
@@ -421,7 +412,7 @@ def _cmd_jax(args) -> int:
 
 def register_jax(bench_subparsers, int_list) -> None:
     """Add `jax` to the `swinkit bench` subcommands (`int_list`: `bench.cli`'s "8,16" argument type)."""
-    from ..cli_types import positive_float, positive_int
+    from ..cli_types import non_negative_float, positive_float, positive_int
     parser = bench_subparsers.add_parser(
         "jax", help="swinkit-JAX vs swinkit-PyTorch (and timm): per-epoch train/val time, img/s, compile, top-1",
         description=__doc__.split("\n\n")[0])
@@ -444,7 +435,7 @@ def register_jax(bench_subparsers, int_list) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="threads (CPUs) per backend (default 2)")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="base lr per 512 images (default: the training config's, 5e-4)")
-    parser.add_argument("--warmup-epochs", type=_non_negative_float, default=1.0, help="default 1")
+    parser.add_argument("--warmup-epochs", type=non_negative_float, default=1.0, help="default 1")
     parser.add_argument("--seed", type=int, default=0, help="initial weights, data and batch order")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring the fp32 GEMM peak")
     parser.add_argument("--child-timeout", type=positive_float, default=None, help="seconds per backend run")

@@ -190,7 +190,10 @@ class SimMIMPretraining:
         original = to_pixels(images)
         masked = original * (1 - pixels) + 0.5 * pixels
         filled = original * (1 - pixels) + to_pixels(reconstruction) * pixels
-        grid = make_grid(torch.cat([original, masked, filled]), nrow=len(images), padding=1, pad_value=1.0)
+        rows = torch.cat([original, masked, filled])
+        if rows.shape[-1] < 96:  # small images (Fashion-MNIST): enlarge without smoothing, so patches stay visible
+            rows = F.interpolate(rows, scale_factor=96 // rows.shape[-1], mode="nearest")
+        grid = make_grid(rows, nrow=len(images), padding=2, pad_value=1.0)
         return atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 
