@@ -287,7 +287,7 @@ def test_pretraining_reads_a_folder_of_images_without_class_folders(tmp_path):
         train(load_config(None, [*keys, f"output.dir={tmp_path / 'run2'}"]))
 
 
-@pytest.mark.parametrize("keys", [["train.precision=bf16-mixed"], ["model.memory_budget=1GB"],
+@pytest.mark.parametrize("keys", [["train.precision=bf16-mixed"], ["model.memory_budget=64GB"],
                                   ["model.grad_checkpointing=true", "train.ema=true"]],
                          ids=["bf16", "memory-budget", "recompute+ema"])
 def test_pretraining_runs_under_the_trainers_policies(tmp_path, keys, caplog):
