@@ -21,48 +21,23 @@ def _number(text: str, kind: type):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _ranged(name: str, kind: type, accepts, bound: str):
+    """An argparse type: a `kind` number that `accepts`, else "must be {bound}, got ..."."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value if kind is int else text}")
+        return value
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A share in (0, 1], e.g. a centre crop."""
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def rate(text: str) -> float:
-    """A probability or tolerance in [0, 1), e.g. a drop-path rate."""
-    value = _number(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+positive_int = _ranged("positive_int", int, lambda v: v >= 1, ">= 1")
+non_negative_int = _ranged("non_negative_int", int, lambda v: v >= 0, ">= 0")
+positive_float = _ranged("positive_float", float, lambda v: v > 0, "> 0")
+non_negative_float = _ranged("non_negative_float", float, lambda v: v >= 0, ">= 0")
+fraction = _ranged("fraction", float, lambda v: 0 < v <= 1, "in (0, 1]")  # a share, e.g. a centre crop
+rate = _ranged("rate", float, lambda v: 0 <= v < 1, "in [0, 1)")  # a probability or tolerance, e.g. drop path
 
 
 def device(text: str) -> str:

@@ -61,6 +61,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_classifier(path: Path, model_name: str | None = None) -> tuple:
+    """A weights file (any layout) -> (the PyTorch classifier, its `Preprocess`, class names, whether the
+    names come from the file), read from the checkpoint's metadata; every backend's runner starts here.
+    Raises `CheckpointError` naming the file when it has no classifier head."""
+    model = api.create_model(model_name, pretrained=path)
+    if model.num_classes == 0:
+        raise CheckpointError(f"'{path}' has no classifier head (num_classes 0); it cannot classify images")
+    metadata = read_metadata(path)
+    preprocess = Preprocess.from_metadata(metadata, model.config, source=str(path))
+    classes, named = classes_from_metadata(metadata, model.num_classes, source=str(path))
+    return model, preprocess, classes, named
+
+
 def load_runner(weights: str | Path, *, model_name: str | None = None,
                 device: str | torch.device | None = None) -> Runner:
     """Weights file -> runner (PyTorch: `optimize_for_inference` of the model; `.onnx`: ONNX Runtime).
@@ -72,12 +85,7 @@ def load_runner(weights: str | Path, *, model_name: str | None = None,
     if path.suffix == ".onnx":
         from .onnx_runner import OnnxRunner  # ONNX Runtime: FP32 or INT8 exports, same preprocessing
         return OnnxRunner(path, device=device)
-    model = api.create_model(model_name, pretrained=path)
-    if model.num_classes == 0:
-        raise CheckpointError(f"'{path}' has no classifier head (num_classes 0); it cannot classify images")
-    metadata = read_metadata(path)
-    preprocess = Preprocess.from_metadata(metadata, model.config, source=str(path))
-    classes, named = classes_from_metadata(metadata, model.num_classes, source=str(path))
+    model, preprocess, classes, named = load_classifier(path, model_name)
     # The frozen fast path (same definition, constants precomputed, oneDNN linears on CPU).
     return TorchRunner(optimize_for_inference(model), preprocess, classes, named_classes=named, device=device,
                        source=str(path))

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from .. import api
-from ..metadata import Preprocess, classes_from_metadata, read_metadata
+from ..infer.runner import load_classifier
 from ..weights.io import CheckpointError
 from .api import from_torch
 from .steps import apply_precision
@@ -47,11 +46,6 @@ def load_jax_runner(weights: str | Path, *, model_name: str | None = None, preci
         raise CheckpointError(f"weights file '{path}' does not exist")
     if path.suffix == ".onnx":
         raise CheckpointError(f"'{path}' is an ONNX graph; the JAX backend runs checkpoints (use --backend torch)")
-    torch_model = api.create_model(model_name, pretrained=path)
-    if torch_model.num_classes == 0:
-        raise CheckpointError(f"'{path}' has no classifier head (num_classes 0); it cannot classify images")
-    metadata = read_metadata(path)
-    preprocess = Preprocess.from_metadata(metadata, torch_model.config, source=str(path))
-    classes, named = classes_from_metadata(metadata, torch_model.num_classes, source=str(path))
+    torch_model, preprocess, classes, named = load_classifier(path, model_name)
     model = apply_precision(from_torch(torch_model), precision)
     return JaxRunner(model, preprocess, classes, named_classes=named, source=str(path))

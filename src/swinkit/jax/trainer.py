@@ -179,9 +179,9 @@ class JaxTrainer(Trainer):
             opt_state = (optax.ScaleByAdamState(count=count, mu=mu, nu=nu), *opt_state[1:])
         self.state = self._placed(steps.TrainState(params, self.state.rest, opt_state))
 
-    def _write_weights(self, state, path, source) -> None:
+    def _write_weights(self, state, path, source, module=None) -> None:
         self._to_torch()
-        super()._write_weights(state, path, source)
+        super()._write_weights(state, path, source, module)
 
     def _save(self) -> None:
         if self.saved_position != self.position:

@@ -475,26 +475,23 @@ class Trainer:
         return {META_CLASSES: json.dumps(self.classes), **self.preprocess.to_metadata(),
                 META_WEIGHTS: source, META_STEP: str(self.position["global_step"])}
 
-    def _write_weights(self, state: dict | None, path: Path, source: str) -> None:
-        """`source` ("model" or "ema") as safetensors; under FSDP from `state`, gathered on rank 0."""
+    def _write_weights(self, state: dict | None, path: Path, source: str, module: nn.Module | None = None) -> None:
+        """`source` ("model" or "ema") as safetensors: `module` (default: the trained model or its EMA);
+        under FSDP `state`, gathered on rank 0, with the backbone's metadata."""
         if self.fsdp:
             from ..api import model_metadata
             from ..weights.io import write_safetensors
             write_safetensors(state, path, model_metadata(self.backbone, self._weights_metadata(source)))
         else:
-            module = self.ema.module if source == "ema" else self.model_raw
+            module = module or (self.ema.module if source == "ema" else self.model_raw)
             save_weights(module, path, metadata=self._weights_metadata(source))
 
     def _write_encoder(self, state: dict | None, path: Path) -> None:
         """The backbone alone (no head, no mask token) of a pre-training run, for fine-tuning."""
-        if self.fsdp:
-            from ..api import model_metadata
-            from ..weights.io import write_safetensors
-            native = {k[len("encoder."):]: v for k, v in state.items()
-                      if k.startswith("encoder.") and k != "encoder.mask_token"}
-            write_safetensors(native, path, model_metadata(self.backbone, self._weights_metadata("model")))
-        else:
-            save_weights(self.backbone, path, metadata=self._weights_metadata("model"))
+        if state is not None:  # FSDP: the gathered SimMIM state, keys `encoder.*` and `decoder.*`
+            state = {k[len("encoder."):]: v for k, v in state.items()
+                     if k.startswith("encoder.") and k != "encoder.mask_token"}
+        self._write_weights(state, path, "model", module=self.backbone)
 
     def _save(self) -> None:
         """last.ckpt at the current position (read back before it replaces the old one, which becomes
