@@ -308,3 +308,13 @@ def test_pretraining_runs_under_the_trainers_policies(tmp_path, keys, caplog):
     result = trainer.fit()
     assert result["steps"] == 4 and math.isfinite(result["val"]["loss"])
     assert not torch.equal(before, trainer.model_raw.encoder.mask_token)  # the token is trained
+
+
+def test_a_mask_square_that_is_not_a_multiple_of_the_patch_is_refused_before_training(tmp_path):
+    from swinkit.train import ConfigError, load_config, train
+    config = load_config(None, ["model.name=swin_nano_patch2_window4_32", "data.synthetic=true", "data.workers=0",
+                                "augment.mixup=0", "augment.cutmix=0", "pretrain.method=simmim",
+                                "pretrain.mask_patch_size=3", f"output.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"pretrain.mask_patch_size' \(3 px\) must be a multiple of .* \(2 px\)"):
+        train(config)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.yaml").exists()

@@ -104,6 +104,10 @@ class SimMIMPretraining:
     def wrap(self, backbone: SwinTransformer) -> nn.Module:
         """SimMIM around the backbone; `model.pretrained` also restores a SimMIM file's token and decoder."""
         model = SimMIM(backbone)
+        if self.section.mask_patch_size % model.patch_size:  # refused before the run folder is touched
+            from .config import ConfigError
+            raise ConfigError(f"config key 'pretrain.mask_patch_size' ({self.section.mask_patch_size} px) must be "
+                              f"a multiple of the model's patch size ({model.patch_size} px)")
         if self.trainer.config.model.pretrained is not None:
             from ..api import load_pretraining
             load_pretraining(model, self.trainer.config.model.pretrained)
