@@ -152,7 +152,7 @@ def _check_config_fits(config: SwinConfig, state_dict: Mapping[str, torch.Tensor
 def _unique_registry_match(fields: dict) -> str | None:
     """The one registered variant agreeing with every architecture field known from a file, if unique
     (a v2 file without buffers does not say its window, so several may match)."""
-    keys = [k for k in ("version", "embed_dim", "depths", "num_heads", "patch_size", "window_size", "img_size")
+    keys = [k for k in ("version", "embed_dim", "depths", "num_heads", "patch_size", "window_size", "img_size", "ape")
             if k in fields]
     matches = [name for name, config in MODELS.items() if all(getattr(config, k) == fields[k] for k in keys)]
     return matches[0] if len(matches) == 1 else None
@@ -175,7 +175,7 @@ def create_model(name: str | None = None, *, pretrained: str | Path | Checkpoint
         if checkpoint is not None:
             if checkpoint.config is not None and checkpoint.name == name:
                 config = checkpoint.config  # same variant: keep its trained size, classes and channels
-            config = config.replace(num_classes=_num_classes(checkpoint.state_dict, config))
+            config = _fit_to_weights(checkpoint.state_dict, config)
     elif checkpoint is not None:
         if checkpoint.config is None:
             raise CheckpointError(f"'{checkpoint.source}' does not say which Swin variant it holds "
@@ -196,6 +196,10 @@ def create_model(name: str | None = None, *, pretrained: str | Path | Checkpoint
     return model
 
 
+# Tensors a checkpoint may lack (besides the head): pre-training state, and a position embedding added for fine-tuning.
+_MAY_BE_MISSING = ("mask_token", "absolute_pos_embed")
+
+
 def load_weights(model: SwinTransformer, source: str | Path | Mapping[str, torch.Tensor] | Checkpoint, *,
                  strict: bool = True) -> LoadReport:
     """Load a checkpoint of any layout into `model`, adapting window/channels/head as fine-tuning needs.
@@ -207,9 +211,11 @@ def load_weights(model: SwinTransformer, source: str | Path | Mapping[str, torch
     state_dict = checkpoint.state_dict
     if model.num_classes == 0:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    state_dict, notes = adapt_state_dict(state_dict, model)
+    grid = checkpoint.config.patch_grid() if checkpoint.config is not None else None
+    state_dict, notes = adapt_state_dict(state_dict, model, grid)
     target = model.state_dict()
-    missing = sorted(k for k in set(target) - set(state_dict) if not k.startswith("head.fc.") and k != "mask_token")
+    missing = sorted(k for k in set(target) - set(state_dict)
+                     if not k.startswith("head.fc.") and k not in _MAY_BE_MISSING)
     unexpected = sorted(set(state_dict) - set(target))
     mismatched = sorted(k for k in set(state_dict) & set(target) if state_dict[k].shape != target[k].shape)
     label = model.name or "the model"
@@ -225,6 +231,10 @@ def load_weights(model: SwinTransformer, source: str | Path | Mapping[str, torch
     if checkpoint.pretraining:
         notes.append(f"SimMIM pre-training tensors not used by the model ({', '.join(sorted(checkpoint.pretraining))}):"
                      " dropped")
+    if model.absolute_pos_embed is not None and "absolute_pos_embed" not in loadable:
+        notes.append("the checkpoint has no absolute position embedding: the model's keeps its fresh initialisation")
+        log.warning("%s: no absolute position embedding (ape) in the checkpoint; the model's is freshly initialised",
+                    checkpoint.source)
     if model.num_classes > 0 and "head.fc.weight" not in loadable:
         notes.append("the checkpoint has no usable classifier: the head keeps its fresh initialisation")
         log.warning("%s: no classifier weights for %s classes; the head is freshly initialised",
@@ -290,16 +300,19 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, model: str 
     config = checkpoint.config
     name = checkpoint.name
     if model is not None:
-        config = get_config(model).replace(num_classes=_num_classes(checkpoint.state_dict, get_config(model)))
+        config = _fit_to_weights(checkpoint.state_dict, get_config(model))
         name = model
     if config is None:
         raise CheckpointError(f"'{src}' does not say which Swin variant it holds; pass model=NAME (--model)")
     return write_layout(checkpoint.state_dict, dst, to, config, model_entries(config, name), checkpoint.pretraining)
 
 
-def _num_classes(native: Mapping[str, torch.Tensor], fallback: SwinConfig) -> int:
+def _fit_to_weights(native: Mapping[str, torch.Tensor], config: SwinConfig) -> SwinConfig:
+    """`config` with what the weights themselves decide: the class count (when they hold a head) and
+    whether there is an absolute position embedding."""
     head = native.get("head.fc.weight")
-    return head.shape[0] if head is not None else fallback.num_classes
+    return config.replace(num_classes=head.shape[0] if head is not None else config.num_classes,
+                          ape="absolute_pos_embed" in native)
 
 
 def create_simmim(name: str | None = None, *, pretrained: str | Path | None = None, **overrides) -> SimMIM:

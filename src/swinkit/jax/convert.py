@@ -8,7 +8,8 @@ maps to its state-dict key by joining with dots; only the leaves differ:
     nnx.LayerNorm scale                   <-> weight
     v2 CPB MLP  cpb_mlp.layers.0 / .2     <-> cpb_mlp.0 / .2             (nnx.Sequential's list)
 
-Everything else (biases, position tables, logit_scale, q/v biases) has the same name and shape.
+Everything else (biases, position tables, logit_scale, q/v biases, the absolute position embedding)
+has the same name and shape.
 Values are copied exactly (float32 stays float32), so native -> JAX -> native is bit-exact.
 """
 from __future__ import annotations

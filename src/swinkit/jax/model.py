@@ -1,7 +1,7 @@
 """The Swin Transformer v1/v2 classifier in Flax NNX: the PyTorch model's computation, written for JAX.
 
     image [B, H, W, C_in]  (NHWC, the JAX convention; the PyTorch model takes NCHW)
-      -> PatchEmbed            [B, H/p, W/p, C]
+      -> PatchEmbed            [B, H/p, W/p, C]  (+ the absolute position embedding with `ape`)
       -> stage 0..S-1          (PatchMerging if i > 0) + blocks, [B, H_i, W_i, C_i]
       -> LayerNorm, mean over H, W, Linear -> [B, num_classes]
 
@@ -9,7 +9,8 @@ Every rule that is not the arithmetic itself comes from the PyTorch side, which 
 the variant table and stage windows (`models.registry`), which blocks shift and by how much
 (`models.swin.SwinStage.block_shifts`, `registry.shift_size`), the constant tables and the
 shift/padding mask (`models.attention`, evaluated once per window or map size and cached
-as numpy), the drop-path rates (`SwinConfig.drop_path_rates`) and the weight-decay
+as numpy), the resize of the absolute position embedding (`weights.resize`, as matrices
+cached per size), the drop-path rates (`SwinConfig.drop_path_rates`) and the weight-decay
 exemptions. Parameters are laid out under the PyTorch state-dict names (`convert.py` maps
 them); they start at zero here: `swinkit.jax.create_model` fills them from the PyTorch
 model, the one owner of the initialisation and of every checkpoint layout.
@@ -24,11 +25,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 from flax import nnx
 
 from ..models import attention as torch_attention
 from ..models import swin as torch_swin
 from ..models.registry import SwinConfig
+from ..weights.resize import resize_absolute_position_embedding
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default (Flax's is 1e-6)
 _ZEROS = nnx.initializers.zeros_init()
@@ -49,6 +52,16 @@ def attention_mask(height: int, width: int, window: int, shift: tuple[int, int])
     """The additive shift/padding mask `[num_windows, N, N]` of a `height x width` map, or None."""
     mask = torch_attention.window_attention_mask(height, width, window, shift)
     return None if mask is None else mask.numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(size: int, new_size: int) -> np.ndarray:
+    """`[new_size, size]` float32: the PyTorch resize of the absolute position embedding along one axis
+    (`weights.resize.resize_absolute_position_embedding`, bicubic, separable) as a matrix, read off by
+    resizing the identity, so the JAX model resizes as PyTorch does (`jax.image.resize`'s bicubic uses
+    another kernel: ~5e-3 off on a 0.07-scale table, against ~1e-8 here)."""
+    identity = torch.eye(size).unsqueeze(0)  # [1, size positions on a size x 1 grid, a one-hot channel each]
+    return resize_absolute_position_embedding(identity, (size, 1), (new_size, 1))[0].numpy().copy()
 
 
 # ------------------------------------------------------------------------------------- window layout
@@ -292,6 +305,8 @@ class SwinTransformer(nnx.Module):
         self.num_classes, self.num_features = config.num_classes, config.num_features
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, config.patch_norm,
                                       rngs=rngs)
+        rows, cols = config.patch_grid()
+        self.absolute_pos_embed = nnx.Param(jnp.zeros((1, rows * cols, config.embed_dim))) if config.ape else None
         rates, dims = config.drop_path_rates(), config.stage_dims()
         stages = []
         for i, (depth, heads, window) in enumerate(zip(config.depths, config.num_heads, config.stage_windows())):
@@ -306,10 +321,23 @@ class SwinTransformer(nnx.Module):
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C_in]` -> normalised last-stage map `[B, H/32, W/32, num_features]` (for patch 4)."""
-        x = self.patch_embed(x)
+        x = self.add_position_embedding(self.patch_embed(x))
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
+
+    def add_position_embedding(self, x: jax.Array) -> jax.Array:
+        """`[B, h, w, C]` patch embeddings + the absolute position embedding (`ape`), resized from the
+        `img_size` grid to h x w as the PyTorch model resizes it (`bicubic_matrix`); unchanged without ape."""
+        if self.absolute_pos_embed is None:
+            return x
+        rows, cols = self.config.patch_grid()
+        height, width = x.shape[1], x.shape[2]
+        table = self.absolute_pos_embed[...].reshape(rows, cols, -1)
+        if (height, width) != (rows, cols):
+            table = jnp.einsum("hr,rcd,wc->hwd", bicubic_matrix(rows, height), table.astype(jnp.float32),
+                               bicubic_matrix(cols, width), precision=jax.lax.Precision.HIGHEST)
+        return x + table[None].astype(x.dtype)
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         return self.head(x, pre_logits=pre_logits)

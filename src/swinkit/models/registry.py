@@ -51,6 +51,9 @@ class SwinConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
     patch_norm: bool = True
+    # Absolute position embedding (official `ape`): a learned [1, patches, embed_dim] table added to the
+    # patch embeddings, resized bicubically for other input sizes. No published variant uses it.
+    ape: bool = False
     # Preprocessing the weights expect; stored in checkpoint metadata.
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -156,6 +159,10 @@ class SwinConfig:
             sizes.append((height, width))
         return sizes
 
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of patches at `img_size`: the grid the absolute position embedding is learned on."""
+        return self.stage_resolutions()[0]
+
     def stage_windows(self) -> list[int]:
         """Window of each stage: the configured window clamped to the stage resolution at
         `img_size` (official rule: if min(resolution) <= window, window = min(resolution))."""
@@ -196,8 +203,8 @@ class SwinConfig:
 _FIELD_KINDS = {"version": "int", "img_size": "ints", "patch_size": "int", "in_chans": "int", "num_classes": "int",
                 "embed_dim": "int", "depths": "ints", "num_heads": "ints", "window_size": "int",
                 "pretrained_window_sizes": "ints", "mlp_ratio": "float", "qkv_bias": "bool", "drop_rate": "float",
-                "attn_drop_rate": "float", "drop_path_rate": "float", "patch_norm": "bool", "mean": "floats",
-                "std": "floats"}
+                "attn_drop_rate": "float", "drop_path_rate": "float", "patch_norm": "bool", "ape": "bool",
+                "mean": "floats", "std": "floats"}
 
 # Generous bounds on what a file may ask swinkit to build (`SwinConfig.check_limits`): every published
 # variant is far inside them (the largest, SwinV2-G, has embed_dim 512, 42 blocks in a stage, window 48).

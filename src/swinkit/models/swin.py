@@ -1,7 +1,7 @@
 """The Swin Transformer backbone and classifier, v1 and v2 in one implementation.
 
     image [B, C_in, H, W]
-      -> PatchEmbed            [B, H/p, W/p, C]
+      -> PatchEmbed            [B, H/p, W/p, C]  (+ the absolute position embedding with `ape`)
       -> stage 0..S-1          each: (PatchMerging if i > 0) + blocks, [B, H_i, W_i, C_i];
                                a block sees its map in window layout [B, num_windows * N, C]
       -> LayerNorm             [B, H_S, W_S, C_S]
@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2, window_attention_mask
 from .layers import DropPath, Mlp, PatchEmbed, PatchMerging, from_windows, to_windows, tracing
+from ..weights.resize import resize_absolute_position_embedding
 from .registry import SwinConfig, shift_size
 
 
@@ -186,6 +187,11 @@ class SwinTransformer(nn.Module):
         self.num_classes = config.num_classes
         self.num_features = config.num_features
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, config.patch_norm)
+        if config.ape:  # [1, rows * cols, C] on the img_size patch grid, row-major (official name and shape)
+            rows, cols = config.patch_grid()
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, rows * cols, config.embed_dim))
+        else:
+            self.register_parameter("absolute_pos_embed", None)  # state dicts without ape stay as they were
         rates = config.drop_path_rates()
         dims = config.stage_dims()
         stages = []
@@ -204,7 +210,8 @@ class SwinTransformer(nn.Module):
 
     # ----------------------------------------------------------------- init
     def init_weights(self) -> None:
-        """Official init: truncated normal (std .02) for linear weights and bias tables, zero biases;
+        """Official init: truncated normal (std .02) for linear weights, bias tables and the absolute
+        position embedding, zero biases;
         v2 additionally starts every residual post-norm at zero so each block starts as identity."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -221,6 +228,8 @@ class SwinTransformer(nn.Module):
                 if module.q_bias is not None:
                     nn.init.zeros_(module.q_bias)
                     nn.init.zeros_(module.v_bias)
+        if self.absolute_pos_embed is not None:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         if self.config.version == 2:
             for stage in self.layers:
                 for block in stage.blocks:
@@ -242,11 +251,29 @@ class SwinTransformer(nn.Module):
         """`[B, C_in, H, W]` -> normalised last-stage map `[B, H/32, W/32, num_features]` (for patch 4).
 
         `mask` `[B, H/p, W/p]` (1 = masked, p the patch size; needs `add_mask_token`): masked patch
-        embeddings are replaced by the mask token after the embedding's norm, as SimMIM does."""
+        embeddings are replaced by the mask token after the embedding's norm, as SimMIM does; the absolute
+        position embedding (`ape`) is added after that, as in the official SimMIM and Hugging Face."""
         x = self.patch_embed(x)
         if mask is not None:
             x = self.mask_patches(x, mask)
-        return self.norm(self.layers(x))
+        return self.norm(self.layers(self.add_position_embedding(x)))
+
+    def position_embedding(self, height, width) -> torch.Tensor | None:
+        """The absolute position embedding for a `height x width` patch grid, `[1, height * width, C]`
+        row-major: the learned `img_size` table, resized bicubically for any other grid
+        (`weights.resize.resize_absolute_position_embedding`, the loader's resize too). None without ape."""
+        if self.absolute_pos_embed is None:
+            return None
+        return resize_absolute_position_embedding(self.absolute_pos_embed, self.config.patch_grid(), (height, width))
+
+    def add_position_embedding(self, x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, h, w, C]` patch embeddings + the absolute position embedding (`table`: a precomputed
+        `position_embedding(h, w)`, as the fast path's plan holds); unchanged without ape."""
+        if self.absolute_pos_embed is None:
+            return x
+        if table is None:
+            table = self.position_embedding(x.shape[1], x.shape[2])
+        return x + table.view(1, x.shape[1], x.shape[2], -1).to(x.dtype)
 
     def mask_patches(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`[B, h, w, C]` patch embeddings, `[B, h, w]` 0/1 mask -> embeddings with the masked ones
@@ -271,7 +298,7 @@ class SwinTransformer(nn.Module):
 
         Swin-T at 224: [B,96,56,56], [B,192,28,28], [B,384,14,14], [B,768,7,7].
         """
-        x = self.patch_embed(x)
+        x = self.add_position_embedding(self.patch_embed(x))
         maps = []
         for i, stage in enumerate(self.layers):
             x = stage(x)
@@ -301,7 +328,7 @@ class SwinTransformer(nn.Module):
 
     def no_weight_decay_keywords(self) -> tuple[str, ...]:
         """Parameter-name fragments exempt from weight decay (besides 1-D norms and biases)."""
-        return ("relative_position_bias_table", "logit_scale", "cpb_mlp", "mask_token")
+        return ("relative_position_bias_table", "logit_scale", "cpb_mlp", "mask_token", "absolute_pos_embed")
 
     def flops(self, img_size: int | tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one forward pass (the official count: GMACs reported as 'FLOPs').
@@ -311,6 +338,18 @@ class SwinTransformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# A training step's matmuls per image: the forward pass, then the input and the weight gradient, each the
+# forward's size.
+TRAINING_PASSES = 3
+
+
+def flops_per_image(model: SwinTransformer, img_size: int | tuple[int, int] | None = None, *,
+                    training: bool = False) -> int:
+    """FLOPs (2 x `model.flops`' multiply-accumulates) of one image's forward pass, or with `training` of its
+    training step (`TRAINING_PASSES` x that): what the benchmarks' GFLOP/s and the memory planner count."""
+    return 2 * model.flops(img_size) * (TRAINING_PASSES if training else 1)
 
 
 def macs(config: SwinConfig, img_size: int | tuple[int, int] | None = None) -> dict:

@@ -14,7 +14,9 @@ from torch import nn
 def layer_id(name: str, depths: Sequence[int]) -> int:
     """A parameter's depth for layer-wise lr decay (the official SimMIM / BEiT fine-tuning rule, on
     native names): 0 for the patch embedding (and mask token), 1..sum(depths) for the blocks in order,
-    the id of the last block before it for patch merging, sum(depths) + 1 for the final norm and head."""
+    the id of the last block before it for patch merging, sum(depths) + 1 for the final norm and head
+    and for anything else: the absolute position embedding too, as in the official `get_swin_layer`
+    (timm's and BEiT's grouping would put it with the patch embedding)."""
     if name.startswith(("patch_embed.", "mask_token")):
         return 0
     block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)

@@ -3,6 +3,7 @@
 swinkit's native names are timm 1.0's parameter names, with no buffers:
 
     patch_embed.{proj,norm}.*                        norm.*, head.fc.*
+    absolute_pos_embed [1, rows * cols, C]           only with `ape` (official name and shape)
     layers.{s}.downsample.{norm,reduction}.*         s >= 1: merging at the START of stage s
     layers.{s}.blocks.{b}.{norm1,norm2,mlp.fc1,mlp.fc2,attn.qkv,attn.proj}.*
     v1: layers.{s}.blocks.{b}.attn.relative_position_bias_table
@@ -10,9 +11,18 @@ swinkit's native names are timm 1.0's parameter names, with no buffers:
 
 Every other layout is a table of rename rules against those names (`_RULES`), plus
 the few tensor steps a rename cannot express (Hugging Face's separate q/k/v
-projections, torchvision v2's 3C qkv bias) and the constant buffers each peer's
-model expects in its state dict (built from the config on export, dropped on
-import). This file is the only place that knows any of these names.
+projections, torchvision v2's 3C qkv bias, Hugging Face's extra position slot) and
+the constant buffers each peer's model expects in its state dict (built from the
+config on export, dropped on import). This file is the only place that knows any of
+these names.
+
+The absolute position embedding (`ape`): official and native `absolute_pos_embed`
+[1, rows * cols, C]; Hugging Face `embeddings.position_embeddings` (`use_absolute_embeddings`),
+[1, rows * cols, C] for Swin v1 (transformers >= 5) but [1, 1 + rows * cols, C] for Swinv2
+(and for v1 in transformers 4): a ViT class-token slot first, which no Swin forward uses
+(`interpolate_pos_encoding` treats slot 0 as the class slot and the rest as the patch grid).
+It is dropped on import and written as zeros on export. timm's and torchvision's Swin models
+have no absolute position embedding: such weights are refused for those layouts.
 
     detect_layout(sd)                   -> "official" | "timm" | "hf" | "torchvision"
     version_of(sd, layout)              -> 1 | 2
@@ -69,6 +79,7 @@ _TORCHVISION = [  # features = [patch embed, stage 0, merging, stage 1, merging,
 _HF_BLOCK = "encoder.layers.{s}.blocks.{b}."
 _HF = [  # checkpoint names, after the `swin.` / `swinv2.` prefix is taken off
     ("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
+    ("absolute_pos_embed", "embeddings.position_embeddings"),  # its class slot: `_hf_position_slot`
     ("patch_embed.norm.{p}", "embeddings.norm.{p}"),
     ("layers.{s}.downsample.{p}", "encoder.layers.{s-1}.downsample.{p}"),
     ("layers.{s}.blocks.{b}.norm1.{p}", _HF_BLOCK + "layernorm_before.{p}"),
@@ -108,6 +119,7 @@ _NATIVE_PARAMS = re.compile("|".join([
     _BLOCK + r"attn\.(relative_position_bias_table|logit_scale|q_bias|v_bias)",
     _BLOCK + r"attn\.cpb_mlp\.(0\.weight|0\.bias|2\.weight)",
     r"(norm|head\.fc)\.(weight|bias)",
+    r"absolute_pos_embed",
 ]))
 # Constants some layouts store: rebuilt from the config, never learned.
 _NATIVE_BUFFERS = re.compile(_BLOCK + r"(attn\.(relative_position_index|relative_coords_table|k_bias)|attn_mask)")
@@ -218,6 +230,7 @@ def _renamed_to_native(state_dict: Mapping[str, torch.Tensor], layout: str) -> d
         state_dict = {re.sub(pattern, replacement, k): v for k, v in state_dict.items()}
     if layout == "hf":
         state_dict = _fuse_hf_qkv(state_dict)
+        state_dict = _hf_position_slot(state_dict, version_of(state_dict, layout), to_native=True)
     elif layout == "torchvision":
         state_dict = _split_torchvision_qkv_bias(state_dict)
     native, unknown = {}, []
@@ -258,6 +271,29 @@ def _fuse_hf_qkv(state_dict: dict) -> dict:
     return out
 
 
+_HF_POSITION = "embeddings.position_embeddings"
+
+
+def _hf_position_slot(state_dict: dict, version: int, to_native: bool) -> dict:
+    """Hugging Face's absolute position embedding without (import) or with (export) its unused first slot.
+
+    Swinv2 always has the slot; Swin v1 has it in transformers 4 only, recognised on import by a
+    length of a square plus one (transformers 4 builds the table from a square image size)."""
+    table = state_dict.get(_HF_POSITION)
+    if table is None or table.dim() != 3:
+        return state_dict
+    out = dict(state_dict)
+    if to_native:
+        length = table.shape[1]
+        transformers4_v1 = (math.isqrt(length - 1) ** 2 == length - 1 and math.isqrt(length) ** 2 != length
+                            if length > 1 else False)
+        if version == 2 or transformers4_v1:
+            out[_HF_POSITION] = table[:, 1:].clone()
+    elif version == 2:
+        out[_HF_POSITION] = torch.cat([torch.zeros_like(table[:, :1]), table], dim=1)
+    return out
+
+
 def _split_torchvision_qkv_bias(state_dict: dict) -> dict:
     """torchvision v2 keeps a 3C qkv bias; its forward zeroes the key third, so only q and v count."""
     out = {}
@@ -291,6 +327,9 @@ def from_native(state_dict: Mapping[str, torch.Tensor], layout: str, config: Swi
         raise LayoutError(f"not native swinkit keys: {', '.join(repr(k) for k in unknown[:4])}")
     if layout == "torchvision" or (layout == "hf" and version == 1):
         _check_full_windows(config, layout)
+    if "absolute_pos_embed" in params and layout in ("timm", "torchvision"):
+        raise LayoutError(f"{layout}'s Swin Transformer has no absolute position embedding (the official `ape`), "
+                          "so these weights cannot be written in its layout; use native, official or hf")
     params.update(_BUFFER_BUILDERS.get(layout, lambda c: {})(config))
     out = {}
     for key, value in params.items():
@@ -298,7 +337,7 @@ def from_native(state_dict: Mapping[str, torch.Tensor], layout: str, config: Swi
     if layout == "torchvision" and version == 2:
         out = _fuse_torchvision_qkv_bias(out)
     if layout == "hf":
-        out = _split_hf_qkv(out)
+        out = _hf_position_slot(_split_hf_qkv(out), version, to_native=False)
         model = "swin." if version == 1 else "swinv2."
         out = {k if k.startswith("classifier.") else model + k: v for k, v in out.items()}
     return out
@@ -382,9 +421,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], layout: str) -> dict:
     """The `SwinConfig` fields the weights determine.
 
     Always: version, embed_dim, depths, num_heads, num_classes (0 if headless), in_chans,
-    patch_size, mlp_ratio, qkv_bias, patch_norm. When the weights tell (else None):
+    patch_size, mlp_ratio, qkv_bias, patch_norm, ape. When the weights tell (else None):
     window_size (v1: bias table (2W-1)^2 rows; v2: official/torchvision `relative_coords_table`),
-    pretrained_window_sizes (v2, from the same tables), img_size (official `attn_mask` shapes).
+    pretrained_window_sizes (v2, from the same tables), img_size (official `attn_mask` shapes,
+    else a square absolute position embedding).
     """
     native = _renamed_to_native(state_dict, layout)
     try:
@@ -422,13 +462,15 @@ def _infer_native_config(native: dict) -> dict:
         "num_heads": tuple(int(h) for h in num_heads),
         "window_size": window_size,
         "pretrained_window_sizes": pretrained,
-        "img_size": _img_size_from_masks(native, int(patch_size), depths),
+        "img_size": _img_size_from_masks(native, int(patch_size), depths) or _img_size_from_positions(
+            native, int(patch_size)),
         "num_classes": int(head.shape[0]) if head is not None else 0,
         "in_chans": int(in_chans),
         "patch_size": int(patch_size),
         "mlp_ratio": native[first[0] + "mlp.fc1.weight"].shape[0] / embed_dim,
         "qkv_bias": (first[0] + ("attn.qkv.bias" if version == 1 else "attn.q_bias")) in native,
         "patch_norm": "patch_embed.norm.weight" in native,
+        "ape": "absolute_pos_embed" in native,
     }
 
 
@@ -474,6 +516,13 @@ def _img_size_from_masks(native: dict, patch_size: int, depths: tuple) -> tuple[
     return None
 
 
+def _img_size_from_positions(native: dict, patch_size: int) -> tuple[int, int] | None:
+    """A square absolute position embedding of side S was learned at S * patch_size pixels (official rule)."""
+    table = native.get("absolute_pos_embed")
+    side = math.isqrt(table.shape[1]) if table is not None and table.dim() == 3 else 0
+    return (side * patch_size,) * 2 if side and side * side == table.shape[1] else None
+
+
 def hf_config(config: SwinConfig, num_labels: int | None = None, *, masked_image_modeling: bool = False) -> dict:
     """A transformers `config.json` dict for `config` (SwinForImageClassification / Swinv2ForImageClassification,
     or with `masked_image_modeling` SwinForMaskedImageModeling / Swinv2ForMaskedImageModeling)."""
@@ -498,7 +547,7 @@ def hf_config(config: SwinConfig, num_labels: int | None = None, *, masked_image
         "hidden_dropout_prob": config.drop_rate,
         "attention_probs_dropout_prob": config.attn_drop_rate,
         "drop_path_rate": config.drop_path_rate,
-        "use_absolute_embeddings": False,
+        "use_absolute_embeddings": config.ape,
         "layer_norm_eps": 1e-5,
         "initializer_range": 0.02,
         "encoder_stride": config.patch_size * 2 ** (config.num_stages - 1),

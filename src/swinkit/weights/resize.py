@@ -4,6 +4,8 @@ These are the fine-tuning loads of the official repository, done in one place:
 - v1 relative-position bias tables: bicubic interpolation of each head's
   (2W-1)x(2W-1) grid to the new window (v2 needs nothing: its coordinate tables
   are buffers rebuilt from the window, and its CPB MLP takes any window);
+- the absolute position embedding (`ape`): bicubic interpolation of the patch grid
+  to the new image size, the same function the model runs for an input of another size;
 - patch embedding with a different number of input channels (sum to grey, or tile);
 - an ImageNet-22k head (21,841 classes) loaded into a 1k model selects the 1k rows
   with the official map; any other class-count mismatch re-initialises the head.
@@ -11,6 +13,7 @@ These are the fine-tuning loads of the official repository, done in one place:
 from __future__ import annotations
 
 import logging
+import math
 from importlib import resources
 
 import torch
@@ -31,6 +34,32 @@ def resize_relative_position_bias_table(table: torch.Tensor, window: int) -> tor
     grid = table.float().permute(1, 0).reshape(1, heads, old_side, old_side)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     return grid.reshape(heads, new_side * new_side).permute(1, 0).contiguous().to(table.dtype)
+
+
+def resize_absolute_position_embedding(table: torch.Tensor, grid: tuple, new_grid: tuple) -> torch.Tensor:
+    """THE resize of the absolute position embedding: `[1, rows * cols, C]` learned on the `grid`
+    (rows, cols) of patches -> `[1, new_rows * new_cols, C]` for `new_grid`, row-major both.
+
+    Bicubic, align_corners=False, no antialiasing (the official fine-tune loader's and Hugging Face's
+    `interpolate_pos_encoding`), computed in float32 and returned in the table's dtype. The model runs
+    it for inputs of another size and the loader for a checkpoint of another image size. Sizes may be
+    symbolic (an ONNX export with dynamic height/width): then it always interpolates, which is exact
+    at the same size."""
+    rows, cols = grid
+    new_rows, new_cols = new_grid
+    if all(isinstance(size, int) for size in (rows, cols, new_rows, new_cols)) and (rows, cols) == (new_rows, new_cols):
+        return table
+    channels = table.shape[-1]
+    image = table.float().reshape(1, rows, cols, channels).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(new_rows, new_cols), mode="bicubic", align_corners=False)
+    return image.permute(0, 2, 3, 1).reshape(1, -1, channels).to(table.dtype)
+
+
+def square_grid(length: int) -> tuple[int, int] | None:
+    """The (side, side) grid of `length` patches, or None if it is not a square (the official loader's
+    assumption for a position table whose image size is not known)."""
+    side = math.isqrt(length)
+    return (side, side) if side * side == length else None
 
 
 def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -54,9 +83,12 @@ def imagenet22k_to_1k_rows() -> torch.Tensor:
     return torch.tensor([int(line) for line in text.split()], dtype=torch.long)
 
 
-def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[dict, list[str]]:
+def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module,
+                     grid: tuple[int, int] | None = None) -> tuple[dict, list[str]]:
     """Resize what can be resized so `state_dict` fits `model`. Returns (new dict, notes).
 
+    `grid`: the patch grid the checkpoint's absolute position embedding was learned on (its config's
+    `patch_grid()`); unknown, a square grid is assumed, as the official loader does.
     Keys that still do not fit are left as they are for the caller to report.
     """
     target = model.state_dict()
@@ -64,6 +96,15 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
     notes: list[str] = []
     for key, value in state_dict.items():
         want = target.get(key)
+        if key == "absolute_pos_embed" and want is not None and value.dim() == 3 and value.shape[-1] == want.shape[-1]:
+            # by grid, not shape: a 8x12 table has the shape of a 12x8 one
+            source = grid if grid is not None and grid[0] * grid[1] == value.shape[1] else square_grid(value.shape[1])
+            new_grid = tuple(model.config.patch_grid())
+            if source is not None and tuple(source) != new_grid:
+                out[key] = resize_absolute_position_embedding(value, source, new_grid)
+                notes.append(f"resized {key} from a {source[0]}x{source[1]} to a {new_grid[0]}x{new_grid[1]} "
+                             "patch grid (bicubic)")
+            continue
         if want is None or want.shape == value.shape:
             continue
         if key.endswith("relative_position_bias_table") and value.shape[1] == want.shape[1]:
