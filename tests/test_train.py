@@ -305,3 +305,30 @@ def test_memory_budget_flag_plans_recomputation(tmp_path, caplog):
     assert any("memory budget" in r.message for r in caplog.records)
     assert main([*common, "--output", str(tmp_path / "tiny"), "--memory-budget", "1MB"]) == 2
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
+
+
+def test_auto_precision_is_bf16_only_with_bf16_units(tmp_path, monkeypatch):
+    """precision "auto" resolves once, by the CPU's flags, and config.yaml names what ran."""
+    from swinkit import precision
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert precision.resolve("auto", "cpu") == "fp32"
+    assert precision.resolve("fp16-mixed", "cpu") == "fp16-mixed"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    expected = "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert precision.resolve("auto", "cpu") == expected
+    assert precision.autocast_dtype("auto", "cpu") == (torch.bfloat16 if expected == "bf16-mixed" else None)
+    train(run_config(tmp_path, "train.precision=auto", "schedule.max_steps=1"))
+    assert load_config(tmp_path / "run" / "config.yaml").train.precision == expected
+
+
+def test_plain_autograd_without_the_lean_policy(tmp_path, monkeypatch):
+    """model.lean=false trains the plain definition (no lean block installed); it excludes recomputation."""
+    from swinkit.train import lean
+    installed = []
+    monkeypatch.setattr(lean, "install", lambda model, plan: installed.append(plan))
+    result = train(run_config(tmp_path, "model.lean=false", "schedule.max_steps=2"))
+    assert result["steps"] == 2 and installed == []
+    train(run_config(tmp_path / "lean", "schedule.max_steps=1"))
+    assert installed == ["none"]
+    with pytest.raises(ConfigError, match="model.lean"):
+        train(run_config(tmp_path / "ckpt", "model.lean=false", "model.grad_checkpointing=true"))

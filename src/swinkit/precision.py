@@ -4,8 +4,13 @@
     bf16-mixed   autocast to bfloat16; weights, optimizer state and loss stay float32
     fp16-mixed   autocast to float16, with loss scaling (the trainer's GradScaler)
     amp          the mixed precision the device does best (`amp_dtype`): what benchmarks measure
+    auto         bf16-mixed where the device has bf16 arithmetic units (`has_fast_bf16`), else fp32:
+                 resolved once when training starts (`resolve`), so config.yaml names what ran
 
 "bf16", "fp16" and "float32" are accepted for "bf16-mixed", "fp16-mixed" and "fp32".
+
+Inference (`INFERENCE_PRECISIONS`: fp32, bf16, fp16) casts the whole frozen model to one dtype
+(`inference_dtype`); `slow_precision_note` says when the device lacks the units for it.
 """
 from __future__ import annotations
 
@@ -13,10 +18,45 @@ from contextlib import nullcontext
 
 import torch
 
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")  # what a training config may say
+from .errors import SwinkitError
+
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "auto")  # what a training config may say
+# CPU instruction sets with bf16 arithmetic (/proc/cpuinfo flags): without them bf16 matmuls convert
+# to fp32 and run slower than fp32 itself.
+BF16_UNITS = frozenset({"avx512_bf16", "amx_bf16", "amx_tile"})
 
 _AUTOCAST_DTYPES = {"fp32": None, "float32": None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
                     "fp16-mixed": torch.float16, "fp16": torch.float16}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_fast_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls run faster than fp32 on `device`: a CUDA GPU that supports bf16, or a CPU
+    with bf16 units (`BF16_UNITS`) that oneDNN uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return (device.type == "cpu" and bool(cpu_flags() & BF16_UNITS)
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """The precision a run uses: "auto" becomes "bf16-mixed" where `has_fast_bf16(device)`, else "fp32";
+    any other name is returned as it is."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if has_fast_bf16(device) else "fp32"
 
 
 def amp_dtype(device: torch.device | str) -> torch.dtype:
@@ -32,6 +72,8 @@ def autocast_dtype(precision: str | None, device: torch.device | str = "cpu") ->
         return None
     if precision == "amp":
         return amp_dtype(device)
+    if precision == "auto":
+        precision = resolve(precision, device)
     if precision not in _AUTOCAST_DTYPES:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     return _AUTOCAST_DTYPES[precision]
@@ -42,3 +84,55 @@ def autocast(precision: str | None, device: torch.device | str):
     device = torch.device(device)
     dtype = autocast_dtype(precision, device)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------ inference
+# Inference casts the whole frozen model (`optimize_for_inference(dtype=)`) instead of autocasting: no
+# weights to keep in fp32, and the ops that need fp32 already take it (`attention_probs` promotes the
+# scores and softmax; LayerNorm kernels accumulate bf16/fp16 input in fp32).
+INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16")  # what `swinkit eval/predict/export/bench infer --precision` take
+_INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_UNITS = frozenset({"avx512_fp16", "amx_fp16"})  # CPU flags with fp16 arithmetic
+
+
+class PrecisionError(SwinkitError, ValueError):
+    """A precision that cannot be used here: an unknown name, or one a file or backend does not run."""
+
+
+def inference_dtype(precision: str | torch.dtype | None) -> torch.dtype:
+    """"fp32" / "bf16" / "fp16" (or one of those torch dtypes; None = fp32) -> the dtype inference runs in."""
+    if precision is None:
+        return torch.float32
+    if isinstance(precision, torch.dtype) and precision in _INFERENCE_DTYPES.values():
+        return precision
+    if precision not in _INFERENCE_DTYPES:
+        raise PrecisionError(f"precision {precision!r} is not one inference runs; choose from "
+                             f"{', '.join(INFERENCE_PRECISIONS)}")
+    return _INFERENCE_DTYPES[precision]
+
+
+def inference_precision(dtype: torch.dtype) -> str:
+    """The name of an inference dtype: torch.bfloat16 -> "bf16" (any other dtype: its torch name)."""
+    return next((name for name, known in _INFERENCE_DTYPES.items() if known == dtype), str(dtype).split(".")[-1])
+
+
+def slow_precision_note(dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """Why inference in `dtype` will be slow on `device`, or None: bf16 or fp16 on a CPU whose flags are
+    known (Linux) and lack its units (`BF16_UNITS`, `FP16_UNITS`), bf16 on a GPU without bf16 support.
+    It still runs: the arithmetic is converted, which usually makes it slower than fp32."""
+    device = torch.device(device)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = inference_precision(dtype)
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not has_fast_bf16(device):
+            return "bf16 on a GPU without bf16 support: it runs, emulated, usually slower than fp16 or fp32"
+        return None
+    flags = cpu_flags()
+    if device.type != "cpu" or not flags:
+        return None
+    units = BF16_UNITS if dtype == torch.bfloat16 else FP16_UNITS
+    if flags & units:
+        return None
+    return (f"{name} on a CPU without {name.upper()} instructions ({', '.join(sorted(units))}): it runs, but the "
+            f"matmuls convert to fp32 and it is usually slower than fp32")

@@ -39,6 +39,10 @@ log = logging.getLogger("swinkit.train")
 
 def train(config: TrainConfig) -> dict:
     """`swinkit.train.trainer.train` with the JAX backend; returns the same result dict."""
+    if config.train.precision == "auto":
+        # XLA:CPU's bf16 dots measured slower than its fp32 ones (Fashion-MNIST recipe, Intel Xeon with
+        # AMX: 277 img/s bf16-mixed vs ~340 fp32); on a GPU bf16 is the fast one.
+        config.train.precision = "bf16-mixed" if jax.default_backend() == "gpu" else "fp32"
     _check_supported(config)
     env = distributed.setup("cpu")  # the PyTorch twin only holds weights for files: it stays on the CPU
     lock = None

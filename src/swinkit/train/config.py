@@ -47,6 +47,7 @@ class ModelSection:
     drop_path_rate: float | None = None  # default: the variant's
     grad_checkpointing: bool = False
     memory_budget: str | None = None  # e.g. "6GB": recompute just enough blocks to fit (train/memory.py)
+    lean: bool = True  # the lean training policy (train/lean); false: the plain definition's autograd
 
 
 @dataclass

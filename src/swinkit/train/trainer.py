@@ -33,6 +33,7 @@ from ..metadata import META_CLASSES, META_STEP, META_WEIGHTS, Preprocess
 from ..models.registry import SwinConfig
 from ..models.swin import SwinTransformer
 from ..precision import autocast_dtype
+from ..precision import resolve as resolve_precision
 from ..weights.io import CheckpointError
 from . import distributed, lean
 from .checkpoint import (LAST, PREVIOUS, ModelEma, capture_rng, check_state_fits, load_train_state, restore_rng,
@@ -55,6 +56,7 @@ def train(config: TrainConfig) -> dict:
     A second run in the same folder fails with `FolderInUseError` naming the first.
     """
     env = distributed.setup(config.train.device)
+    config.train.precision = resolve_precision(config.train.precision, env.device)
     lock = None
     try:
         lock = _lock_run_folder(Path(config.output.dir), env)
@@ -144,6 +146,8 @@ class RunningTotals:
 
 
 class Trainer:
+    memory_plan = None  # what `model.memory_budget` planned (`_apply_memory_policy`); None: no budget
+
     def __init__(self, config: TrainConfig, env: distributed.DistEnv):
         self.config, self.env, self.device = config, env, env.device
         self.out = Path(config.output.dir)
@@ -192,9 +196,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Train to `total_steps`. Under a memory budget on CPU, freed memory goes back to the OS while
-        training runs (the budget's estimate assumes it; `train.lean.allocator`)."""
-        returning = self.config.model.memory_budget and self.device.type == "cpu"
+        """Train to `total_steps`. Under a memory budget that binds (`train.memory.budget_binds`), on CPU,
+        freed memory goes back to the OS while training runs (`train.lean.allocator`)."""
+        plan = self.memory_plan
+        returning = plan is not None and plan.return_freed_memory and self.device.type == "cpu"
         with returning_freed_memory() if returning else nullcontext(), self.stop:
             return self._train()
 
@@ -443,16 +448,25 @@ class Trainer:
     def _apply_memory_policy(self, model: SwinTransformer) -> None:
         """Install the lean training policy (`train.lean`: lean saved tensors, oneDNN GEMMs) with what
         each block recomputes in backward: nothing, every block (`model.grad_checkpointing`) or the
-        plan that fits `model.memory_budget` (train/memory.py)."""
+        plan that fits `model.memory_budget` (train/memory.py); nothing with `model.lean: false`."""
         cfg = self.config
+        self.memory_plan = None
         if cfg.model.grad_checkpointing and cfg.model.memory_budget:
             raise ConfigError("model.grad_checkpointing and model.memory_budget exclude each other: "
                               "the budget picks the recomputation itself")
+        if not cfg.model.lean:
+            # Small models with memory to spare: autograd of the plain definition keeps every
+            # intermediate and recomputes nothing (the lean kernels' LayerNorm/GELU recomputation
+            # and oneDNN's small GEMMs then cost time for memory nobody needs).
+            if cfg.model.grad_checkpointing or cfg.model.memory_budget:
+                raise ConfigError("model.lean: false excludes model.grad_checkpointing and model.memory_budget "
+                                  "(recomputation is part of the lean policy)")
+            return
         lean.install(model, "full" if cfg.model.grad_checkpointing else "none")
         if cfg.model.memory_budget:
             from .memory import apply_memory_budget
             try:
-                apply_memory_budget(model, cfg.train.batch_size, cfg.model.memory_budget,
+                self.memory_plan = apply_memory_budget(model, cfg.train.batch_size, cfg.model.memory_budget,
                                     img_size=self.preprocess.img_size, in_chans=self.preprocess.in_chans,
                                     precision=cfg.train.precision, ema=cfg.train.ema,
                                     log=log.info if self.env.is_main else None)
