@@ -20,7 +20,12 @@ MODEL = "swin_nano_patch2_window4_32"
 ONE_STAGE = dict(depths=(2,), num_heads=(1,))  # a plain and a shifted block: every part, compiled quickly
 BACKENDS = {"swinkit-jax", "swinkit-torch", "timm"}
 REQUIRED = ("backend", "batch_size", "train_img_per_s", "val_img_per_s", "first_epoch_s", "top1")
-PEAK = {"torch.mm": 50.0, "onednn": 80.0}  # stands in for the 2048^3 measurement (seconds of GEMMs)
+PEAK = {"fp32": 80.0, "bf16": 160.0, "int8": 240.0}  # stands in for `measure_peaks` (seconds of GEMMs)
+
+
+def fake_peaks(shapes):
+    return {"peak_gflops": dict(PEAK), "engines": {dtype: {"torch.mm": 1.0} for dtype in PEAK}, "unavailable": {},
+            "shapes": [{"layer": s.layer} for s in shapes]}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,7 @@ def report():
     """One real run: 2 epochs x 2 steps at batch 4 for every backend (the children compile and train);
     one thread each, so a busy test machine slows it less."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(bench_jax_module, "gemm_peak", lambda: dict(PEAK))
+    patch.setattr(bench_jax_module, "measure_peaks", fake_peaks)
     try:
         yield bench_jax(MODEL, batch_sizes=[4], epochs=2, steps_per_epoch=2, compare=["timm"], threads=1,
                         **ONE_STAGE)
@@ -43,7 +48,7 @@ def test_every_backend_trains_and_validates_with_the_issue_keys(report):
         assert all(key in row for key in REQUIRED), row
         assert row["batch_size"] == 4 and row["train_images_per_epoch"] == 8 and row["val_images"] == 8
         for key in ("train_img_per_s", "train_img_per_s_after_first", "val_img_per_s", "val_img_per_s_after_first",
-                    "first_epoch_s", "train_pct_peak", "val_pct_peak", "val_loss"):
+                    "first_epoch_s", "train_gflops", "val_gflops", "train_pct_peak", "val_pct_peak", "val_loss"):
             assert row[key] > 0, (row["backend"], key, row[key])
         assert 0 <= row["top1"] <= 100
         assert len(row["epoch_train_s"]) == len(row["epoch_val_s"]) == 2 and min(row["epoch_train_s"]) > 0
@@ -53,8 +58,14 @@ def test_every_backend_trains_and_validates_with_the_issue_keys(report):
     assert jax_row["compile_s"] > 0 and jax_row["first_epoch_s"] > jax_row["compile_s"]
     assert by_backend["timm"]["train_vs_timm"] == 1.0 and by_backend["swinkit-torch"]["val_vs_torch"] == 1.0
     assert jax_row["train_vs_timm"] > 0 and jax_row["val_vs_torch"] > 0
-    expected = 100 * jax_row["val_gflops"] / max(PEAK.values())
-    assert jax_row["val_pct_peak"] == pytest.approx(expected)
+    expected = 100 * jax_row["val_gflops"] / PEAK["fp32"]  # every backend trains in fp32
+    assert jax_row["val_pct_peak"] == pytest.approx(expected, rel=1e-2)
+    assert jax_row["dtype"] == "fp32" and jax_row["peak_gflops"] == PEAK["fp32"]
+    from swinkit import create_model
+    from swinkit.models.swin import flops_per_image
+    step_flops = flops_per_image(create_model(MODEL, num_classes=10, **ONE_STAGE), training=True)
+    assert jax_row["train_gflops"] == pytest.approx(jax_row["train_img_per_s_after_first"] * step_flops / 1e9, rel=1e-3)
+    assert report["header"]["gemm_peaks"][4]["peak_gflops"] == PEAK
 
 
 def test_the_backends_start_from_the_same_weights(report):
@@ -68,7 +79,8 @@ def test_table_and_plot(report, tmp_path):
     table = format_table(report)
     for backend in BACKENDS:
         assert f"| {backend}" in table
-    assert "XLA_FLAGS" in table and "fp32 GEMM peak" in table and "initial weights" in table
+    assert "XLA_FLAGS" in table and "GEMM peak GFLOP/s at batch 4" in table and "initial weights" in table
+    assert "fp32 80 (torch.mm)" in table and "train GFLOP/s" in table
     png = plot(report, tmp_path / "epochs.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -193,20 +193,28 @@ def test_bench_train_smoke(monkeypatch):
     report = bench_train(TINY, "24GB", ["none", "recompute"], steps=1, max_batch=1, threads=1)
     rows = report["rows"]
     assert [row["setting"] for row in rows] == ["none", "recompute"]
+    fp32_peak = report["gemm_peaks"][1]["peak_gflops"]["fp32"]
     for row in rows:
         for key in ("setting", "max_batch", "s_per_step", "img_per_s", "batch_ratio", "throughput_pct"):
             assert key in row
         assert row["max_batch"] == 1 and row["capped"] and row["img_per_s"] > 0
+        assert row["returns_freed_memory"] is False  # 24 GB does not bind: as `swinkit train`, glibc keeps it
+        assert row["dtype"] == "fp32" and row["peak_gflops"] == fp32_peak > 0 and row["gflops"] > 0
+        assert row["pct_peak"] == pytest.approx(100 * row["gflops"] / fp32_peak, abs=0.1)
     assert rows[0]["batch_ratio"] == 1.0
-    assert "max batch" in format_table(report)
-    assert [p.batch for p in probes] == [1, 1]  # the plan reused the first child's baseline
+    table = format_table(report)
+    assert "max batch" in table and "GEMM peak GFLOP/s at batch 1" in table and "% fp32" in table
+    assert "kept" in table
+    # one baseline child (no steps) for the allocator decisions and the plan, then one child per setting
+    assert [p.batch for p in probes] == [1, 1, 1] and probes[0].result["s_per_step"] != probes[0].result["s_per_step"]
     assert report["saved_bytes_per_image"]["swinkit"] > 0
 
 
 def test_bench_train_handles_the_over_budget_exit(monkeypatch):
     probes = _recording_children(monkeypatch)
-    report = bench_train(TINY, "1MB", ["none"], steps=1, max_batch=2, threads=1)
-    assert len(probes) == 1 and not probes[0].fits and probes[0].result["over_budget"]
+    report = bench_train(TINY, "1MB", ["none"], steps=1, max_batch=2, threads=1, measure_peak=False)
+    assert len(probes) == 2 and probes[0].fits  # the baseline child, then batch 1
+    assert not probes[1].fits and probes[1].result["over_budget"] and probes[1].result["returns_freed_memory"]
     row = report["rows"][0]
     assert row["max_batch"] == 0 and row["img_per_s"] is None
     assert "none fit" in format_table(report)
@@ -219,6 +227,49 @@ def test_profiling_leaves_the_random_stream_alone(tiny):
     memory.activation_profile(tiny)
     memory.saved_bytes_per_image(tiny, 32)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_budget_far_above_the_estimate_leaves_the_allocator_alone(tiny, profile):
+    fixed = memory.fixed_bytes(tiny, baseline_bytes=100 * 2 ** 20)
+    plan = memory.plan_for_budget(tiny, 4, "24GB", profile=profile, fixed=fixed)
+    assert plan.modes == ["none"] * len(tiny.blocks()) and not plan.return_freed_memory
+    assert "allocator is left alone" in plan.summary
+
+
+def test_a_tight_budget_returns_freed_memory(tiny, profile):
+    """Fits with freed memory returned (the estimate's slack), not with glibc keeping it: binds."""
+    fixed = memory.fixed_bytes(tiny, baseline_bytes=100 * 2 ** 20)
+    none = ["none"] * len(tiny.blocks())
+    lean_peak = memory.expected_peak(profile, fixed, 64, none)
+    glibc_peak = memory.expected_peak(profile, fixed, 64, none, memory.GLIBC_SLACK)
+    assert lean_peak < glibc_peak
+    plan = memory.plan_for_budget(tiny, 64, lean_peak + 1, profile=profile, fixed=fixed)
+    assert plan.modes == none and plan.return_freed_memory
+    assert "returned to the OS" in plan.summary
+    assert memory.budget_binds(profile, fixed, 64, none, glibc_peak - 1)
+    assert not memory.budget_binds(profile, fixed, 64, none, glibc_peak)
+    full = memory.expected_peak(profile, fixed, 64, ["full"] * len(none))
+    recompute = memory.plan_for_budget(tiny, 64, full + 1, profile=profile, fixed=fixed)
+    assert recompute.modes != none and recompute.return_freed_memory
+
+
+def test_trainer_returns_freed_memory_only_where_the_budget_binds(tmp_path, monkeypatch):
+    """`swinkit train --memory-budget`: a far budget trains with glibc's defaults (the decision is logged)."""
+    from contextlib import nullcontext
+    from swinkit.cli import main
+    from swinkit.train import trainer
+    entered = []
+    monkeypatch.setattr(trainer, "returning_freed_memory", lambda: entered.append(True) or nullcontext())
+    plans = []
+    real_apply = memory.apply_memory_budget
+    monkeypatch.setattr(memory, "apply_memory_budget", lambda *a, **k: plans.append(real_apply(*a, **k)) or plans[-1])
+    common = ["train", "--synthetic", "--model", TINY, "--batch-size", "4", "--max-steps", "1", "--workers", "0",
+              "--set", "data.val_split=null"]
+    assert main([*common, "--output", str(tmp_path / "far"), "--memory-budget", "64GB"]) == 0
+    assert not plans[-1].return_freed_memory and entered == []
+    monkeypatch.setattr(memory, "GLIBC_SLACK", 1e6)  # glibc's caching would now overflow any budget: it binds
+    assert main([*common, "--output", str(tmp_path / "binds"), "--memory-budget", "64GB"]) == 0
+    assert plans[-1].return_freed_memory and entered == [True]
 
 
 def test_apply_memory_budget_sets_the_plan_and_logs_it():

@@ -42,6 +42,13 @@ def uses_onednn(op: str, macs: int, *tensors: torch.Tensor) -> bool:
             and not tracing())
 
 
+def inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False
+                  ) -> torch.Tensor:
+    """oneDNN's inner product `x @ weight.T + bias` (GELU fused when `gelu`), whatever the size; x: `[..., K]`
+    contiguous, weight: `[N, K]`. `linear` decides when to call it; the benchmarks' peak times it directly."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False
            ) -> torch.Tensor:
     """`x @ weight.T + bias` (GELU applied when `gelu`), no autograd of its own. x: `[..., K]`, weight: `[N, K]`."""
@@ -49,8 +56,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not uses_onednn("forward", x.numel() // in_features * in_features * out_features, x, weight):
         out = F.linear(x, weight, bias)
         return F.gelu(out) if gelu else out
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu" if gelu else "none", [],
-                                              "none" if gelu else "")
+    return inner_product(x.contiguous(), weight, bias, gelu)
 
 
 def grad_input(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -59,8 +65,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = grad_out.numel() // out_features
     if not uses_onednn("grad_input", rows * in_features * out_features, grad_out, weight):
         return grad_out.matmul(weight)
-    out = torch.ops.mkldnn._linear_pointwise(grad_out.reshape(rows, out_features).contiguous(),
-                                             weight.t().contiguous(), None, "none", [], "")
+    out = inner_product(grad_out.reshape(rows, out_features).contiguous(), weight.t().contiguous())
     return out.view(*grad_out.shape[:-1], in_features)
 
 

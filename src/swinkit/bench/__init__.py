@@ -6,8 +6,9 @@
                     trains within a memory budget and its speed, each run in `train_child.py`
     jax.py          `swinkit bench jax`: swinkit-JAX against swinkit-PyTorch and timm, trained and validated
                     from the same weights on the same data, each backend run in `jax_child.py`
-    peers.py        the peer models;  machine.py  what the run was measured on
+    peers.py        the peer models;  machine.py  what the run was measured on, and its GEMM peaks
 """
-from .infer import bench_infer, format_table, gemm_peak, plot
+from .infer import bench_infer, format_table, plot
+from .machine import linear_shapes, measure_peaks
 
-__all__ = ["bench_infer", "format_table", "gemm_peak", "plot"]
+__all__ = ["bench_infer", "format_table", "linear_shapes", "measure_peaks", "plot"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli_types import non_negative_int, positive_int
+from ..cli_types import add_precision_flag, non_negative_int, positive_int
 
 
 def _int_list(text: str) -> list[int]:
@@ -26,7 +26,8 @@ def _cmd_infer(args) -> int:
     result = bench_infer(args.model, weights=args.weights, batch_sizes=args.batch_sizes, compare=compare,
                          swinkit=args.swinkit.split(","),
                          threads=args.threads, rounds=args.rounds, warmup=args.warmup, img_size=args.img_size,
-                         calib_dir=args.calib, calib_images=args.calib_images, measure_peak=not args.no_peak)
+                         calib_dir=args.calib, calib_images=args.calib_images, measure_peak=not args.no_peak,
+                         precisions=args.precision)
     if args.plot:
         result["plot"] = str(plot(result, args.plot))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
@@ -44,6 +45,8 @@ def register(subparsers) -> None:
                        help="peers: timm,torchvision,hf,onnxruntime or none (missing ones are skipped with a note)")
     infer.add_argument("--swinkit", default="eager,optimized,onnxruntime,int8",
                        help="swinkit engines to run: eager,optimized,onnxruntime,int8")
+    add_precision_flag(infer, "dtypes of the optimized path, one row each ('swinkit optimized bf16'); the other "
+                       "engines run fp32", several=True)
     infer.add_argument("--threads", type=positive_int, help="intra-op threads for torch and ONNX Runtime")
     infer.add_argument("--img-size", type=positive_int, help="square input size (default: the model's)")
     infer.add_argument("--rounds", type=positive_int, default=5,
@@ -51,7 +54,7 @@ def register(subparsers) -> None:
     infer.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per engine and batch size")
     infer.add_argument("--calib", help="image folder to calibrate the INT8 model on (INT8 is skipped without it)")
     infer.add_argument("--calib-images", type=positive_int, default=64, help="calibration images for INT8")
-    infer.add_argument("--no-peak", action="store_true", help="skip measuring the fp32 GEMM peak")
+    infer.add_argument("--no-peak", action="store_true", help="skip measuring the GEMM peaks")
     infer.add_argument("--json", action="store_true", help="print one JSON object")
     infer.add_argument("--plot", help="write a bar chart of img/s to this .png")
     infer.set_defaults(func=_cmd_infer)

@@ -5,17 +5,18 @@ which each engine runs once in turn (interleaved, so a noisy neighbour hurts all
 alike); the reported time is the median over rounds. Engines:
 
     swinkit eager        the SwinTransformer in eval mode
-    swinkit optimized    `optimize_for_inference(model)`
+    swinkit optimized    `optimize_for_inference(model)`; with `precisions` also "swinkit optimized bf16"
+                         (and fp16): the same path cast to that dtype, fed the fp32 images (cast inside)
     swinkit onnxruntime  `export_onnx` (dynamic batch/H/W) in ONNX Runtime, all graph optimizations
     swinkit int8         `quantize` of that file, calibrated on `calib_dir` (skipped without one)
     timm eager, timm jit.trace, torchvision, hf, timm onnxruntime   (peers; see `peers.py`)
 
 Speedups are against timm's `torch.jit.trace` (FasterTransformer's baseline), falling back
-to timm eager, then to swinkit eager. The machine's fp32 GEMM peak is measured in the same
-run (a large `torch.mm`, and the same product through oneDNN; best of before and after the
-engines) and swinkit optimized is reported as a fraction of it, from the model's FLOPs
-(2 x MACs) at the input size. The optimized path's linears use oneDNN, which on AMD CPUs
-is much faster than torch.mm's BLAS, so its % of the torch.mm peak can exceed 100.
+to timm eager, then to swinkit eager. For each batch size the machine's GEMM peaks are
+measured in the same run on the model's own linear shapes at that batch (`machine.measure_peaks`:
+fp32, bf16, int8), and every row states its achieved GFLOP/s (the model's FLOPs per image,
+`models.swin.flops_per_image`, times img/s) and its % of the peak of its dtype (the INT8
+engine's of the int8 peak, every other engine's of the fp32 peak).
 """
 from __future__ import annotations
 
@@ -30,32 +31,30 @@ import torch
 
 from .. import api
 from ..infer.fast import optimize_for_inference
+from ..precision import INFERENCE_PRECISIONS, inference_dtype, slow_precision_note
+from ..models.swin import flops_per_image
 from . import machine, peers
 
 log = logging.getLogger("swinkit")
 
 PEERS = ("timm", "torchvision", "hf", "onnxruntime")
 SWINKIT_ENGINES = ("eager", "optimized", "onnxruntime", "int8")
-ENGINE_ORDER = ("swinkit eager", "swinkit optimized", "swinkit onnxruntime", "swinkit int8",
+ENGINE_ORDER = ("swinkit eager", "swinkit optimized", "swinkit optimized bf16", "swinkit optimized fp16",
+                "swinkit onnxruntime", "swinkit int8",
                 "timm eager", "timm jit.trace", "torchvision", "hf", "timm onnxruntime")
 BASELINES = ("timm jit.trace", "timm eager", "swinkit eager")
 
 
-def gemm_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
-    """fp32 GFLOP/s of a `size`-square matrix product: `torch.mm` (the default BLAS) and oneDNN
-    (the library the optimized path's linears use). Best of `repeats`."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    flops = 2 * size ** 3
-    result = {}
-    candidates: dict[str, Callable] = {"torch.mm": lambda: torch.mm(a, b)}
-    if torch.backends.mkldnn.is_available():
-        weight = b.t().contiguous()
-        candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
-    for name, fn in candidates.items():
-        fn()
-        best = min(_timed(fn) for _ in range(repeats))
-        result[name] = round(flops / best / 1e9, 1)
-    return result
+def optimized_label(precision: str) -> str:
+    """The engine name of the optimized path in `precision`: "swinkit optimized" (fp32), "swinkit optimized bf16"."""
+    return "swinkit optimized" if precision == "fp32" else f"swinkit optimized {precision}"
+
+
+def _row_dtype(label: str) -> str:
+    """The GEMM peak a row is measured against: the int8 engine's int8, the optimized path's its precision."""
+    if label == "swinkit int8":
+        return "int8"
+    return next((p for p in INFERENCE_PRECISIONS if p != "fp32" and label == optimized_label(p)), "fp32")
 
 
 def _timed(fn: Callable) -> float:
@@ -65,15 +64,16 @@ def _timed(fn: Callable) -> float:
 
 
 def _engines(model, name: str | None, example: torch.Tensor, ours: Sequence[str], compare: Sequence[str],
-             workdir: Path, threads: int | None, calib_dir: str | None, calib_images: int, skipped: list[dict]
-             ) -> dict[str, Callable]:
+             workdir: Path, threads: int | None, calib_dir: str | None, calib_images: int, skipped: list[dict],
+             precisions: Sequence[str] = ("fp32",)) -> dict[str, Callable]:
     """Every engine that can run here, as `images -> logits`; the rest go to `skipped` with a reason."""
     from ..infer.export import export_onnx
     engines: dict[str, Callable] = {}
     if "eager" in ours:
         engines["swinkit eager"] = model
     if "optimized" in ours:
-        engines["swinkit optimized"] = optimize_for_inference(model)
+        for precision in precisions:
+            engines[optimized_label(precision)] = optimize_for_inference(model, dtype=precision)
     config = model.config
 
     def attempt(label: str, build: Callable[[], Callable]) -> None:
@@ -122,13 +122,15 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
                 batch_sizes: Iterable[int] = (1, 8), compare: Iterable[str] = PEERS,
                 swinkit: Iterable[str] = SWINKIT_ENGINES, threads: int | None = None,
                 rounds: int = 5, warmup: int = 2, img_size: int | tuple[int, int] | None = None,
-                calib_dir: str | Path | None = None, calib_images: int = 64, measure_peak: bool = True) -> dict:
+                calib_dir: str | Path | None = None, calib_images: int = 64, measure_peak: bool = True,
+                precisions: Iterable[str] = ("fp32",)) -> dict:
     """Run the inference benchmark; returns {"header": ..., "rows": [...], "skipped": [...]}.
 
-    `swinkit` picks our engines (eager, optimized, onnxruntime, int8), `compare` the peers.
-    Each row: batch, engine, ms (median per batch), img_s, speedup (vs `baseline`), baseline,
-    and for swinkit optimized `pct_gemm_peak` (per peak measured). Peers in `compare` that
-    cannot run are listed in "skipped" with the reason.
+    `swinkit` picks our engines (eager, optimized, onnxruntime, int8), `compare` the peers;
+    `precisions` (fp32, bf16, fp16) the dtypes of the optimized path, one row each (`optimized_label`).
+    Each row: batch, engine, ms (median per batch), img_s, speedup (vs `baseline`), baseline, and
+    dtype, gflops, peak_gflops, pct_peak (`machine.peak_fields`; the header's "gemm_peaks" holds the
+    measurement per batch size). Peers in `compare` that cannot run are listed in "skipped" with the reason.
     """
     compare = [c.strip() for c in compare if c.strip()]
     unknown = sorted(set(compare) - set(PEERS))
@@ -143,6 +145,8 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
         raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
     if rounds < 1 or warmup < 0:
         raise ValueError("rounds must be >= 1 and warmup >= 0")
+    precisions = list(dict.fromkeys(precisions))
+    dtypes = [inference_dtype(precision) for precision in precisions]  # PrecisionError for unknown names
     if threads:
         torch.set_num_threads(threads)
     model = api.create_model(model_name, pretrained=weights).eval()
@@ -150,38 +154,35 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
         img_size = model.config.img_size
     if isinstance(img_size, int):
         img_size = (img_size, img_size)
-    flops = 2 * model.flops(img_size)
+    flops = flops_per_image(model, img_size)
     header = {
         "model": model.name or model_name or str(weights), "weights": str(weights) if weights else None,
         "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3), "cpu": machine.cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds, "warmup": warmup,
-        "load_average": machine.load_average(),
+        "load_average": machine.load_average(), "precisions": precisions,
+        "notes": [note for note in (slow_precision_note(dtype, "cpu") for dtype in dtypes) if note],
     }
     try:
         import onnxruntime
         header["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    if measure_peak:
-        header["gemm_peak_gflops"] = gemm_peak()
+    header["gemm_peaks"] = {}
     skipped: list[dict] = []
     rows: list[dict] = []
     generator = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="swinkit-bench-") as scratch:
         example = torch.randn(max(batch_sizes), model.config.in_chans, *img_size, generator=generator)
         engines = _engines(model, model.name or model_name, example[:1], ours, compare, Path(scratch), threads,
-                           None if calib_dir is None else str(calib_dir), calib_images, skipped)
+                           None if calib_dir is None else str(calib_dir), calib_images, skipped, precisions)
         for batch in batch_sizes:
             images = example[:batch].contiguous()
+            peaks = None
+            if measure_peak:
+                peaks = header["gemm_peaks"][batch] = machine.measure_peaks(
+                    machine.linear_shapes(model, batch, img_size))
             times = _measure(engines, images, rounds, warmup, skipped, batch)
-            rows += _rows(times, batch, flops, header.get("gemm_peak_gflops", {}))
-    if measure_peak:  # again after the run, keeping the best: a busy moment must not inflate the %
-        after = gemm_peak()
-        peaks = {name: max(value, after.get(name, 0.0)) for name, value in header["gemm_peak_gflops"].items()}
-        header["gemm_peak_gflops"] = peaks
-        for row in rows:
-            if "gflops" in row:
-                row["pct_gemm_peak"] = {name: round(100 * row["gflops"] / peak, 1) for name, peak in peaks.items()}
+            rows += _rows(times, batch, flops, peaks)
     header["load_average_after"] = machine.load_average()
     return {"header": header, "rows": rows, "skipped": skipped}
 
@@ -204,7 +205,7 @@ def _measure(engines: dict[str, Callable], images: torch.Tensor, rounds: int, wa
     return times
 
 
-def _rows(times: dict[str, list[float]], batch: int, flops: int, peaks: dict[str, float]) -> list[dict]:
+def _rows(times: dict[str, list[float]], batch: int, flops: int, peaks: dict | None) -> list[dict]:
     medians = {label: statistics.median(values) for label, values in times.items()}
     baseline = next((b for b in BASELINES if b in medians), None)
     rows = []
@@ -212,11 +213,8 @@ def _rows(times: dict[str, list[float]], batch: int, flops: int, peaks: dict[str
         seconds = medians[label]
         row = {"batch": batch, "engine": label, "ms": round(seconds * 1000, 2), "img_s": round(batch / seconds, 2),
                "min_ms": round(min(times[label]) * 1000, 2),
-               "speedup": round(medians[baseline] / seconds, 2) if baseline else None, "baseline": baseline}
-        if label == "swinkit optimized" and peaks:
-            achieved = flops * batch / seconds / 1e9
-            row["gflops"] = round(achieved, 1)
-            row["pct_gemm_peak"] = {name: round(100 * achieved / peak, 1) for name, peak in peaks.items()}
+               "speedup": round(medians[baseline] / seconds, 2) if baseline else None, "baseline": baseline,
+               **machine.peak_fields(flops * batch / seconds / 1e9, _row_dtype(label), peaks)}
         rows.append(row)
     return rows
 
@@ -230,22 +228,29 @@ def format_table(result: dict) -> str:
              + (f", onnxruntime {header['onnxruntime']}" if "onnxruntime" in header else "")
              + f"; median of {header['rounds']} interleaved rounds after {header['warmup']} warm-up calls;"
              f" load average {header['load_average']} -> {header.get('load_average_after')}"]
-    peaks = header.get("gemm_peak_gflops")
-    if peaks:
-        lines.append("fp32 GEMM peak (2048^3): " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peaks.items()))
+    peaks = header.get("gemm_peaks") or {}
     for batch in sorted({row["batch"] for row in result["rows"]}):
         rows = [row for row in result["rows"] if row["batch"] == batch]
         baseline = rows[0]["baseline"] if rows else None
         lines.append("")
         lines.append(f"batch {batch}")
-        lines.append(f"  {'engine':<22} {'ms/batch':>10} {'img/s':>9} {'speedup vs ' + str(baseline):>28}")
+        measured = peaks.get(batch) or peaks.get(str(batch))  # (str keys after a JSON round trip)
+        if measured:
+            lines.append("  " + machine.format_peaks(measured, f" at batch {batch}"))
+        lines.append(f"  {'engine':<22} {'ms/batch':>10} {'img/s':>9} {'speedup vs ' + str(baseline):>28} "
+                     f"{'GFLOP/s':>8} {'% peak':>12}")
         for row in rows:
-            extra = ""
-            if "pct_gemm_peak" in row:
-                extra = f"  ({row['gflops']} GFLOP/s = " + ", ".join(
-                    f"{pct}% of {name}" for name, pct in row["pct_gemm_peak"].items()) + ")"
             speedup = f"{row['speedup']:.2f}x" if row["speedup"] is not None else "-"
-            lines.append(f"  {row['engine']:<22} {row['ms']:>10.1f} {row['img_s']:>9.2f} {speedup:>28}{extra}")
+            pct = f"{row['pct_peak']:.0f}% {row['dtype']}" if row.get("pct_peak") is not None else "-"
+            lines.append(f"  {row['engine']:<22} {row['ms']:>10.1f} {row['img_s']:>9.2f} {speedup:>28} "
+                         f"{row['gflops']:>8.1f} {pct:>12}")
+        times = {row["engine"]: row["ms"] for row in rows}
+        for precision in INFERENCE_PRECISIONS[1:]:
+            if optimized_label(precision) in times and "swinkit optimized" in times:
+                lines.append(f"  {optimized_label(precision)} vs fp32: "
+                             f"{times['swinkit optimized'] / times[optimized_label(precision)]:.2f}x img/s")
+    for note in header.get("notes", []):
+        lines.append(f"note: {note}")
     for item in result["skipped"]:
         where = f" (batch {item['batch']})" if "batch" in item else ""
         lines.append(f"skipped {item['engine']}{where}: {item['reason']}")

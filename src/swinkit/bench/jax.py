@@ -18,9 +18,10 @@ validation; `--data DIR` decodes a fixed, seeded subset of DIR/train and DIR/val
 
 Speed is per backend: img/s over all epochs and over the epochs after the first (compilation and
 warm-up excluded; the ratios and the fractions of the peak use these), first-epoch seconds, compile
-seconds (JAX), final top-1. The machine's fp32 GEMM peak (`bench.infer.gemm_peak`, best of before and
-after the children) gives each row's fraction of it, counting 2 x MACs per image forward and 3x that
-per training step (`train.memory`'s rule).
+seconds (JAX), final top-1. The machine's GEMM peaks, measured in the parent before the children on the
+model's own linear shapes at each batch size (`machine.measure_peaks`), give each row's achieved GFLOP/s
+as a fraction of the fp32 peak (every backend trains in fp32), counting `models.swin.flops_per_image`
+per image forward and per training step.
 """
 from __future__ import annotations
 
@@ -38,17 +39,17 @@ import torch
 from .. import api
 from ..errors import SwinkitError
 from ..models.registry import get_config
+from ..models.swin import TRAINING_PASSES, flops_per_image
 from ..train.config import AugmentSection, OptimSection, ScheduleSection
 from ..train.optim import scaled_lrs
-from .infer import gemm_peak
 from .jax_child import BACKENDS, UNAVAILABLE_EXIT
-from .machine import cpu_name, load_average
+from .machine import cpu_name, format_peaks, linear_shapes, load_average, measure_peaks, peak_fields
 
 ROW_KEYS = ("backend", "batch_size", "train_img_per_s", "train_img_per_s_after_first", "val_img_per_s",
             "val_img_per_s_after_first", "first_epoch_s", "compile_s", "top1", "train_vs_timm", "val_vs_timm",
-            "train_vs_torch", "val_vs_torch", "train_pct_peak", "val_pct_peak", "epoch_train_s", "epoch_val_s")
+            "train_vs_torch", "val_vs_torch", "dtype", "train_gflops", "val_gflops", "peak_gflops", "train_pct_peak",
+            "val_pct_peak", "gemm_peaks_gflops", "epoch_train_s", "epoch_val_s")
 PROBE_IMAGES = 2
-TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (2x) per image, as `train.memory.activation_profile` counts
 
 
 class ChildError(SwinkitError):
@@ -203,7 +204,7 @@ def bench_jax(model_name: str, *, batch_sizes=(32, 64), epochs: int = 3, steps_p
         torch.manual_seed(seed)
         model = api.create_model(model_name, num_classes=num_classes, **changes)
         weights = api.save_weights(model, scratch / "initial.safetensors")
-        forward_flops = 2 * model.flops(size)
+        forward_flops, train_flops = flops_per_image(model, size), flops_per_image(model, size, training=True)
 
         header = {"model": model.name or model_name, "img_size": list(size), "num_classes": num_classes,
                   "gflops_per_image": round(forward_flops / 1e9, 4), "data": data_text, "epochs": epochs,
@@ -214,9 +215,10 @@ def bench_jax(model_name: str, *, batch_sizes=(32, 64), epochs: int = 3, steps_p
         if threads:
             torch.set_num_threads(threads)
         try:
-            if measure_peak:
-                log("measuring the fp32 GEMM peak ...")
-                header["gemm_peak_gflops"] = gemm_peak()
+            peaks = header["gemm_peaks"] = {}
+            for batch in batch_sizes if measure_peak else ():
+                log(f"measuring the GEMM peaks at batch {batch} ...")
+                peaks[batch] = measure_peaks(linear_shapes(model, batch, size))
             results, skipped = [], []
             for batch in batch_sizes:
                 for backend in backends:
@@ -231,10 +233,6 @@ def bench_jax(model_name: str, *, batch_sizes=(32, 64), epochs: int = 3, steps_p
                     log("  epochs (train s / val s): "
                         + ", ".join(f"{e['train_s']:.2f}/{e['val_s']:.2f}" for e in result["epochs"]))
                     results.append(result)
-            if measure_peak:  # again after the run, keeping the best: a busy moment must not inflate the %
-                after = gemm_peak()
-                header["gemm_peak_gflops"] = {name: max(value, after.get(name, 0.0))
-                                              for name, value in header["gemm_peak_gflops"].items()}
         finally:
             torch.set_num_threads(threads_before)
     header["load_average_after"] = load_average()
@@ -243,7 +241,7 @@ def bench_jax(model_name: str, *, batch_sizes=(32, 64), epochs: int = 3, steps_p
             header.setdefault("thread_settings", {})[result["backend"]] = result["threads"]
         if "jax" in result:
             header["jax"] = result["jax"]
-    rows = _rows(results, forward_flops, header.get("gemm_peak_gflops"))
+    rows = _rows(results, forward_flops, train_flops, peaks)
     return {"header": header, "rows": rows, "skipped": skipped}
 
 
@@ -256,9 +254,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def _rows(results: list[dict], forward_flops: int, peaks: dict | None) -> list[dict]:
-    """One row per child result, with ratios to timm and swinkit-torch at the same batch size."""
-    peak = max(peaks.values()) if peaks else None
+def _rows(results: list[dict], forward_flops: int, train_flops: int, peaks: dict) -> list[dict]:
+    """One row per child result, with ratios to timm and swinkit-torch at the same batch size and the
+    train/val GFLOP/s against the fp32 peak measured at that batch size (`peaks`: batch -> measurement)."""
     rows = []
     for result in results:
         epochs = result["epochs"]
@@ -277,10 +275,11 @@ def _rows(results: list[dict], forward_flops: int, peaks: dict | None) -> list[d
                "initial_logits": result.get("initial_logits")}
         row["_train"] = row["train_img_per_s_after_first"] or row["train_img_per_s"]  # steady rates, when there are
         row["_val"] = row["val_img_per_s_after_first"] or row["val_img_per_s"]
-        row["train_gflops"] = row["_train"] * TRAIN_FLOPS_PER_FORWARD * forward_flops / 1e9
-        row["val_gflops"] = row["_val"] * forward_flops / 1e9
-        row["train_pct_peak"] = 100 * row["train_gflops"] / peak if peak else None
-        row["val_pct_peak"] = 100 * row["val_gflops"] / peak if peak else None
+        for phase, flops in (("train", train_flops), ("val", forward_flops)):
+            fields = peak_fields(row[f"_{phase}"] * flops / 1e9, "fp32", peaks.get(row["batch_size"]))
+            row.update(dtype=fields["dtype"], peak_gflops=fields["peak_gflops"],
+                       gemm_peaks_gflops=fields["gemm_peaks_gflops"])
+            row[f"{phase}_gflops"], row[f"{phase}_pct_peak"] = fields["gflops"], fields["pct_peak"]
         rows.append(row)
     logits = {(row["backend"], row["batch_size"]): row.pop("initial_logits") for row in rows}
     for row in rows:
@@ -305,13 +304,13 @@ def _fmt(value, pattern: str) -> str:
 
 def format_table(report: dict) -> str:
     header = report["header"]
-    peaks = header.get("gemm_peak_gflops")
+    peaks = header.get("gemm_peaks") or {}
     settings = header.get("thread_settings", {})
     sample = next(iter(settings.values()), {})
     recipe_ = header["recipe"]
     lines = [
         f"swinkit bench jax: {header['model']} at {'x'.join(map(str, header['img_size']))}, "
-        f"{header['gflops_per_image']} GFLOP/image forward (x{TRAIN_FLOPS_PER_FORWARD} per training image), "
+        f"{header['gflops_per_image']} GFLOP/image forward (x{TRAINING_PASSES} per training image), "
         f"{header['num_classes']} classes; fp32",
         f"data: {header['data']}; {header['epochs']} epochs x "
         + ", ".join(f"{s} steps at batch {b}" for b, s in header["steps_per_epoch"].items()),
@@ -325,10 +324,8 @@ def format_table(report: dict) -> str:
         + (f", jax {header['jax']}" if header.get("jax") else "")
         + f"; load average {header['load_average']} -> {header.get('load_average_after')}",
     ]
-    if peaks:
-        lines.append("fp32 GEMM peak (2048^3, best before/after): "
-                     + ", ".join(f"{name} {value} GFLOP/s" for name, value in peaks.items())
-                     + f"; '% peak' is of the best ({max(peaks.values())})")
+    for batch, measured in peaks.items():
+        lines.append(format_peaks(measured, f" at batch {batch}") + "; '% peak' is of fp32's")
     diffs: dict[str, float] = {}
     for row in report["rows"]:
         if row["backend"] != "swinkit-torch" and row["initial_logits_max_diff"] is not None:
@@ -337,12 +334,14 @@ def format_table(report: dict) -> str:
         lines.append(f"initial weights: max |logit - swinkit-torch's| on {PROBE_IMAGES} val images before training: "
                      + ", ".join(f"{backend} {diff:.1e}" for backend, diff in diffs.items()))
     lines += [
-        "img/s 'after 1st' excludes the first epoch (JAX's compilation, warm-up); ratios and % peak use it",
+        "img/s 'after 1st' excludes the first epoch (JAX's compilation, warm-up); ratios, GFLOP/s and % peak use it",
         "",
         f"| {'backend':<13} | {'batch':>5} | {'train img/s':>11} | {'after 1st':>9} | {'val img/s':>9} | "
         f"{'after 1st':>9} | {'1st epoch s':>11} | {'compile s':>9} | {'top-1':>6} | {'train/timm':>10} | "
-        f"{'val/timm':>8} | {'train/torch':>11} | {'val/torch':>9} | {'train %peak':>11} | {'val %peak':>9} |",
-        "|" + "|".join("-" * (width + 2) for width in (13, 5, 11, 9, 9, 9, 11, 9, 6, 10, 8, 11, 9, 11, 9)) + "|",
+        f"{'val/timm':>8} | {'train/torch':>11} | {'val/torch':>9} | {'train GFLOP/s':>13} | {'train %peak':>11} | "
+        f"{'val GFLOP/s':>11} | {'val %peak':>9} |",
+        "|" + "|".join("-" * (width + 2) for width in (13, 5, 11, 9, 9, 9, 11, 9, 6, 10, 8, 11, 9, 13, 11, 11, 9))
+        + "|",
     ]
     for row in report["rows"]:
         lines.append(
@@ -352,7 +351,8 @@ def format_table(report: dict) -> str:
             f"{_fmt(row['compile_s'], '{:.1f}'):>9} | {_fmt(row['top1'], '{:.1f}'):>6} | "
             f"{_fmt(row['train_vs_timm'], '{:.2f}x'):>10} | {_fmt(row['val_vs_timm'], '{:.2f}x'):>8} | "
             f"{_fmt(row['train_vs_torch'], '{:.2f}x'):>11} | {_fmt(row['val_vs_torch'], '{:.2f}x'):>9} | "
-            f"{_fmt(row['train_pct_peak'], '{:.0f}%'):>11} | {_fmt(row['val_pct_peak'], '{:.0f}%'):>9} |")
+            f"{_fmt(row['train_gflops'], '{:.1f}'):>13} | {_fmt(row['train_pct_peak'], '{:.0f}%'):>11} | "
+            f"{_fmt(row['val_gflops'], '{:.1f}'):>11} | {_fmt(row['val_pct_peak'], '{:.0f}%'):>9} |")
     lines.append("")
     lines.append("per epoch, train s / val s:")
     for row in report["rows"]:
@@ -437,7 +437,7 @@ def register_jax(bench_subparsers, int_list) -> None:
                         help="base lr per 512 images (default: the training config's, 5e-4)")
     parser.add_argument("--warmup-epochs", type=non_negative_float, default=1.0, help="default 1")
     parser.add_argument("--seed", type=int, default=0, help="initial weights, data and batch order")
-    parser.add_argument("--no-peak", action="store_true", help="skip measuring the fp32 GEMM peak")
+    parser.add_argument("--no-peak", action="store_true", help="skip measuring the GEMM peaks")
     parser.add_argument("--child-timeout", type=positive_float, default=None, help="seconds per backend run")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--plot", help="write per-epoch train/val seconds per backend to this .png")

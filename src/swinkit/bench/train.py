@@ -16,6 +16,13 @@ all searches, so they see the same machine load. Settings:
 The table also gives saved-activation bytes per image (`saved_tensors_hooks` count) for
 swinkit and, with `--compare timm`, for timm's model of the same architecture, whose plain fp32
 training gets a row of its own.
+
+Each swinkit child treats the allocator as `swinkit train` would at its batch: freed memory goes
+back to the OS only where the budget binds (`train.memory.budget_binds` on the planner's estimate);
+timm's children run with glibc's defaults, as timm does. After the children, the machine's GEMM
+peaks are measured on the model's linear shapes at each row's batch (`machine.measure_peaks`) and
+every row states its training GFLOP/s (`models.swin.flops_per_image`) and % of the peak of its
+dtype (fp32 rows of fp32's, amp rows of bf16's).
 """
 from __future__ import annotations
 
@@ -23,20 +30,21 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
 from .. import cli_types
 from ..cli_types import positive_int, rate
+from ..models.swin import flops_per_image
 from ..train import memory
 from ..sysinfo import format_size, parse_size
-from .machine import load_average, machine_info
+from .machine import format_peaks, linear_shapes, load_average, machine_info, measure_peaks, peak_fields, row_dtype
 from .train_child import OVER_BUDGET_EXIT, SETTINGS, build_model
 
 ROW_KEYS = ("setting", "impl", "max_batch", "s_per_step", "img_per_s", "batch_ratio", "throughput_pct",
-            "peak_bytes", "saved_bytes_per_image", "plan", "capped")
+            "peak_bytes", "saved_bytes_per_image", "plan", "capped", "returns_freed_memory", "dtype", "gflops",
+            "peak_gflops", "pct_peak")
 
 
 @dataclass
@@ -54,11 +62,15 @@ class ChildError(RuntimeError):
 
 def run_child(model: str, batch: int, *, setting: str = "none", budget: int | None = None, steps: int = 1,
               warmup: int = 1, plan: list[str] | None = None, impl: str = "swinkit", img_size: int | None = None,
-              device: str = "cpu", threads: int | None = None, timeout: float | None = None) -> Probe:
-    """Train `batch` images per step in a fresh process and read back its measurements."""
+              device: str = "cpu", threads: int | None = None, timeout: float | None = None,
+              return_freed_memory: bool = True) -> Probe:
+    """Train `batch` images per step in a fresh process and read back its measurements
+    (`return_freed_memory` False: glibc keeps freed memory, `--keep-freed-memory`)."""
     command = [sys.executable, "-m", "swinkit.bench.train_child", "--model", model, "--batch", str(batch),
                "--steps", str(steps), "--warmup", str(warmup), "--setting", setting, "--impl", impl,
                "--device", device]
+    if not return_freed_memory:
+        command.append("--keep-freed-memory")
     if budget:
         command += ["--budget", str(int(budget))]
     if plan:
@@ -133,39 +145,33 @@ class _Planner:
             self.profiles[key] = memory.activation_profile(self.model, self.img_size, precision=key)
         return self.profiles[key]
 
-    def plan(self, batch: int, amp: bool) -> list[str]:
+    def fixed(self) -> int:
         if self.baseline is None:
             self.baseline = self.measure_baseline()
-        fixed = memory.fixed_bytes(self.model, baseline_bytes=self.baseline)
+        return memory.fixed_bytes(self.model, baseline_bytes=self.baseline)
+
+    def plan(self, batch: int, amp: bool) -> list[str]:
         try:
             return memory.plan_for_budget(self.model, batch, self.budget, profile=self.profile(amp),
-                                          fixed=fixed).modes
+                                          fixed=self.fixed()).modes
         except ValueError:
             return ["full"] * len(self.model.blocks())
 
-
-def bf16_matmul_cost(size: int = 768, repeats: int = 5) -> dict:
-    """GFLOP/s of an fp32 and a bf16 square matmul on this machine (what autocast's matmuls pay)."""
-    results = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.matmul(a, b)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - start)
-        results[str(dtype).replace("torch.", "")] = 2 * size ** 3 / min(times) / 1e9
-    return results
+    def binds(self, batch: int, amp: bool, modes: list[str] | None) -> bool:
+        """Whether `swinkit train` would return freed memory to the OS at this batch and plan."""
+        modes = modes or ["none"] * len(self.model.blocks())
+        return memory.budget_binds(self.profile(amp), self.fixed(), batch, modes, self.budget)
 
 
 def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "recompute", "recompute+amp"), *,
                 compare: tuple[str, ...] = (), steps: int = 2, img_size: int | None = None, max_batch: int = 4096,
                 batch: int | None = None, tolerance: float = 0.0, device: str = "cpu", threads: int | None = None,
-                child_timeout: float | None = None, log=None) -> dict:
-    """Measure every setting; returns {"rows": [...], "machine": {...}, "saved_bytes_per_image": {...}, ...}.
+                child_timeout: float | None = None, measure_peak: bool = True, log=None) -> dict:
+    """Measure every setting; returns {"rows": [...], "machine": {...}, "saved_bytes_per_image": {...},
+    "gemm_peaks": {batch: `machine.measure_peaks`}, ...}.
 
-    `batch` skips the search and measures that batch only (its row says whether it fit).
+    `batch` skips the search and measures that batch only (its row says whether it fit). The GEMM peaks
+    (CPU only; `measure_peak`) are measured after the children, at every batch a row trained.
     """
     budget = parse_size(budget)
     settings = list(settings)
@@ -193,12 +199,15 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
 
         def probe(candidate, steps_=1, setting=setting, impl=impl, amp=amp, recompute=recompute):
             plan = planner.plan(candidate, amp) if recompute else None
+            returning = impl == "swinkit" and (device != "cpu" or planner.binds(candidate, amp, plan))
             result = run_child(model_name, candidate, setting=setting, budget=budget, steps=steps_, plan=plan,
-                               impl=impl, **child)
+                               impl=impl, return_freed_memory=returning, **child)
+            result.result["returns_freed_memory"] = returning
             if impl == "swinkit":
                 planner.saw(result.result)
             log(f"  {impl} {setting:<13} batch {candidate:>5}: "
-                + (f"peak {format_size(result.result['peak_bytes'])}" if result.fits else "over budget"))
+                + (f"peak {format_size(result.result['peak_bytes'])}" if result.fits else "over budget")
+                + ("" if returning else ", freed memory kept (glibc)"))
             return result
 
         if batch is not None:
@@ -219,7 +228,8 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
                "peak_bytes": best.result["peak_bytes"] if best else None,
                "plan": _plan_summary(best.result.get("plan")) if best else None,
                "capped": bool(best and batch is None and best.batch >= max_batch),
-               "lean": best.result.get("lean") if best else None}
+               "lean": best.result.get("lean") if best else None,
+               "returns_freed_memory": best.result["returns_freed_memory"] if best else None}
         if impl == "swinkit" and best:
             modes = best.result.get("plan") or ["none"] * len(model.blocks())
             row["saved_bytes_per_image"] = planner.profile(amp).activation_bytes(modes)
@@ -233,9 +243,21 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
         row["throughput_pct"] = (100 * row["img_per_s"] / reference["img_per_s"]
                                  if reference and row["img_per_s"] else None)
     report = {"model": model_name, "img_size": img_size, "budget_bytes": budget, "steps": steps, "fixed_batch": batch,
-              "machine": machine_info(device), "saved_bytes_per_image": saved, "rows": rows}
-    if any("amp" in s for s in settings) and device == "cpu":
-        report["bf16_matmul_gflops"] = bf16_matmul_cost()
+              "machine": machine_info(device), "saved_bytes_per_image": saved, "rows": rows, "gemm_peaks": {}}
+    if measure_peak and device == "cpu":  # the children are done: the machine is as quiet as for them
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads or threads_before)
+        try:
+            for trained in sorted({row["max_batch"] for row in rows if row["max_batch"]}):
+                log(f"  measuring the GEMM peaks at batch {trained} ...")
+                report["gemm_peaks"][trained] = measure_peaks(linear_shapes(model, trained, img_size))
+        finally:
+            torch.set_num_threads(threads_before)
+    train_flops = flops_per_image(model, img_size, training=True)
+    for row in rows:
+        achieved = row["img_per_s"] * train_flops / 1e9 if row["img_per_s"] else None
+        row.update(peak_fields(achieved, row_dtype(amp="amp" in row["setting"]),
+                               report["gemm_peaks"].get(row["max_batch"])))
     report["machine"]["load_average_end"] = load_average()
     return report
 
@@ -264,20 +286,28 @@ def format_table(report: dict) -> str:
         f"{machine.get('gpu') or machine['cpu']} ({machine['cpu_capability']}, bf16 instructions: {units}), "
         f"{machine['threads']} threads, torch {machine['torch']}, load average {machine['load_average']} -> "
         f"{machine['load_average_end']}",
+    ]
+    peaks = report.get("gemm_peaks") or {}
+    for batch, measured in peaks.items():
+        lines.append(format_peaks(measured, f" at batch {batch}"))
+    lines += [
         "",
         f"| {'setting':<14} | {'max batch':>9} | {'s/step':>7} | {'img/s':>6} | {'batch x':>7} | "
-        f"{'throughput':>10} | {'peak':>8} | {'saved/img':>9} | recompute plan",
-        f"|{'-' * 16}|{'-' * 11}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 16}",
+        f"{'throughput':>10} | {'GFLOP/s':>7} | {'% peak':>11} | {'peak':>8} | {'freed mem':>9} | {'saved/img':>9} | "
+        "recompute plan",
+        "|" + "|".join("-" * (width + 2) for width in (14, 9, 7, 6, 7, 10, 7, 11, 8, 9, 9, 14)),
     ]
     for row in report["rows"]:
         batch = f"{row['max_batch']}{'+' if row['capped'] else ''}" if row["max_batch"] else "none fit"
         saved = row.get("saved_bytes_per_image")
+        freed = {True: "to the OS", False: "kept"}.get(row.get("returns_freed_memory"), "-")
+        pct = "-" if row.get("pct_peak") is None else f"{row['pct_peak']:.0f}% {row['dtype']}"
         lines.append(
             f"| {row['setting']:<14} | {batch:>9} | {_fmt(row['s_per_step'], '{:.2f}'):>7} | "
             f"{_fmt(row['img_per_s'], '{:.2f}'):>6} | {_fmt(row['batch_ratio'], '{:.2f}x'):>7} | "
-            f"{_fmt(row['throughput_pct'], '{:.0f}%'):>10} | "
+            f"{_fmt(row['throughput_pct'], '{:.0f}%'):>10} | {_fmt(row.get('gflops'), '{:.1f}'):>7} | {pct:>11} | "
             f"{_fmt(row['peak_bytes'], '{}', '-') if row['peak_bytes'] is None else format_size(row['peak_bytes']):>8} | "
-            f"{'-' if saved is None else format_size(saved):>9} | {row['plan'] or '-'}")
+            f"{freed:>9} | {'-' if saved is None else format_size(saved):>9} | {row['plan'] or '-'}")
     lines.append("")
     saved = report["saved_bytes_per_image"]
     line = f"saved activations per image (fp32, saved_tensors_hooks): swinkit {format_size(saved['swinkit'])}"
@@ -286,15 +316,19 @@ def format_table(report: dict) -> str:
     lines.append(line)
     if any(r["capped"] for r in report["rows"]):
         lines.append("+ the search stopped at --max-batch; the budget holds more")
-    gflops = report.get("bf16_matmul_gflops")
-    if gflops:
-        by_setting = {r["setting"]: r for r in report["rows"]}
-        note = (f"bf16 autocast on this CPU: a {768}^3 matmul runs at {gflops['bfloat16']:.0f} GFLOP/s in bf16 vs "
-                f"{gflops['float32']:.0f} in fp32 ({gflops['bfloat16'] / gflops['float32']:.2f}x)")
+    if any(row.get("returns_freed_memory") is False for row in report["rows"] if row["impl"] == "swinkit"):
+        lines.append("freed mem 'kept': the budget does not bind at that batch (train.memory.budget_binds), so "
+                     "glibc keeps freed memory, as `swinkit train` then does")
+    by_setting = {r["setting"]: r for r in report["rows"]}
+    amp_row = by_setting.get("amp")
+    gemm = (peaks.get(amp_row["max_batch"]) or {}).get("peak_gflops", {}) if amp_row else {}
+    if gemm.get("bf16") and gemm.get("fp32"):
+        note = (f"bf16 autocast on this CPU: the model's GEMMs run at {gemm['bf16']:.0f} GFLOP/s in bf16 vs "
+                f"{gemm['fp32']:.0f} in fp32 ({gemm['bf16'] / gemm['fp32']:.2f}x)")
         if not report["machine"]["bf16_units"]:
             note += "; without BF16 instructions bf16 is converted to fp32 for every matmul"
-        amp_row, none_row = by_setting.get("amp"), by_setting.get("none")
-        if amp_row and none_row and amp_row["s_per_step"] and none_row["s_per_step"]:
+        none_row = by_setting.get("none")
+        if none_row and amp_row["s_per_step"] and none_row["s_per_step"]:
             per_image = (amp_row["s_per_step"] / amp_row["max_batch"]) / (none_row["s_per_step"] / none_row["max_batch"])
             note += f"; amp training takes {per_image:.2f}x the time per image of fp32"
         lines.append(note)
@@ -306,7 +340,8 @@ def _cmd_train(args) -> int:
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
     report = bench_train(args.model, args.memory_budget, settings, compare=tuple(args.compare or ()),
                          steps=args.steps, img_size=args.img_size, max_batch=args.max_batch, batch=args.batch,
-                         tolerance=args.tolerance, device=args.device, threads=args.threads, log=log)
+                         tolerance=args.tolerance, device=args.device, threads=args.threads,
+                         measure_peak=not args.no_peak, log=log)
     if args.json:
         print(json.dumps(report["rows"], indent=2))
     else:
@@ -333,6 +368,7 @@ def register_train(bench_subparsers) -> None:
                         help="stop bisecting when the bracket is within this fraction of the batch (default exact)")
     parser.add_argument("--device", type=cli_types.device, default="cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads in each child")
+    parser.add_argument("--no-peak", action="store_true", help="skip measuring the GEMM peaks")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=_cmd_train)

@@ -96,7 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="leave glibc's malloc as it is (default: return freed memory, as the trainer does "
-                             "under --memory-budget)")
+                             "under a --memory-budget that binds; the benchmark passes this where it does not)")
     return parser.parse_args(argv)
 
 

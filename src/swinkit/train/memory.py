@@ -25,6 +25,11 @@ model (batch 8 to 256; none, selective, full) the estimate was 0.2% below to 6.3
 measured peak. Re-checked after sliced recomputation and the oneDNN matmuls (Swin-T, THP on):
 none at batch 32 estimated ~10% above the measured 3.3 GB, all-full at 32 and 128 ~7% above
 (1.7 and 2.8 GB measured), i.e. on the safe side.
+
+Returning freed memory costs time (Swin-T batch 16 fp32 trained ~1/3 slower with it), so a budget
+that does not bind must not pay for it: `budget_binds` is the one rule, applied to the chosen plan —
+if the estimate with glibc keeping freed memory (`GLIBC_SLACK` instead of `ALLOCATOR_SLACK`) still
+fits, the plan says so (`Plan.return_freed_memory` False) and the allocator is left alone.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.swin import macs
+from ..models.swin import flops_per_image, macs
 from ..precision import autocast as _autocast
 from . import lean
 from .lean.recompute import slice_images
@@ -47,6 +52,9 @@ BACKWARD_WORKSPACE = 0.8
 # Resident peak over the live-tensor peak (allocator rounding, pages not yet handed back), with
 # `returning_freed_memory` in effect; without it glibc's heaps hold 1.5-2x the live bytes.
 ALLOCATOR_SLACK = 1.05
+# The same with glibc keeping freed memory (its default): Swin-T at batch 16 (fp32 and bf16 autocast)
+# held 1.9x its activation bytes after six steps and was still creeping up; 2.5 leaves room for that.
+GLIBC_SLACK = 2.5
 # The first training step's one-off buffers: thread-pool scratch, kernel caches, autograd engine.
 STEP_OVERHEAD = 48 * 2 ** 20
 
@@ -264,7 +272,7 @@ def activation_profile(model, img_size: int | tuple[int, int] | None = None, in_
     outside_one, outside_two = counts["none", 1][1], counts["none", 2][1]
     return Profile(img_size=img_size, precision=precision, blocks=profiles, outside=outside_two - outside_one,
                    outside_constant=max(2 * outside_one - outside_two, 0),
-                   train_flops=3 * 2 * model.flops(img_size))
+                   train_flops=flops_per_image(model, img_size, training=True))
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -301,12 +309,23 @@ class Plan:
     budget_bytes: int = 0
     extra_flops_fraction: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    return_freed_memory: bool = True   # `budget_binds`: train inside `lean.allocator.returning_freed_memory`
 
 
-def expected_peak(profile: Profile, fixed: int, batch_size: int, modes: list[str]) -> int:
-    """Estimated peak bytes of training `batch_size` images per step with this plan."""
+def expected_peak(profile: Profile, fixed: int, batch_size: int, modes: list[str],
+                  slack: float = ALLOCATOR_SLACK) -> int:
+    """Estimated peak bytes of training `batch_size` images per step with this plan; `slack` is the
+    resident/live ratio of activation memory (`ALLOCATOR_SLACK` with freed memory returned to the OS,
+    `GLIBC_SLACK` with glibc keeping it)."""
     activations = profile.constant_bytes(modes) + profile.peak_bytes(modes, batch_size)
-    return int(fixed + ALLOCATOR_SLACK * activations)
+    return int(fixed + slack * activations)
+
+
+def budget_binds(profile: Profile, fixed: int, batch_size: int, modes: list[str], budget: int) -> bool:
+    """THE rule for the allocator under a memory budget: freed memory goes back to the OS (which costs
+    page faults and zeroing on every large allocation) only when this plan's expected peak with glibc
+    keeping freed memory does not fit the budget."""
+    return expected_peak(profile, fixed, batch_size, modes, GLIBC_SLACK) > budget
 
 
 def _moves(block: BlockProfile, mode: str):
@@ -362,10 +381,16 @@ def plan_for_budget(model, batch_size: int, budget_bytes: int | str, img_size=No
         choice = ", ".join(f"{mode} on {counts[mode]} block{'s' * (counts[mode] != 1)}"
                            for mode in ("selective", "full") if counts[mode])
         choice += f" of {len(modes)} (+{100 * extra:.0f}% FLOPs)"
+    binds = budget_binds(profile, fixed, batch_size, modes, budget)
+    cached = expected_peak(profile, fixed, batch_size, modes, GLIBC_SLACK)
     summary = (f"memory budget {format_size(budget)}: {choice}; expected peak {format_size(peak)} "
-               f"at batch {batch_size}")
+               f"at batch {batch_size}; "
+               + (f"freed memory is returned to the OS (with glibc keeping it, about {format_size(cached)}: "
+                  "over the budget)" if binds else
+                  f"the allocator is left alone (with glibc keeping freed memory about {format_size(cached)}: "
+                  "within the budget)"))
     return Plan(modes=modes, expected_peak_bytes=peak, summary=summary, batch_size=batch_size,
-                budget_bytes=budget, extra_flops_fraction=extra, counts=counts)
+                budget_bytes=budget, extra_flops_fraction=extra, counts=counts, return_freed_memory=binds)
 
 
 def max_batch_for_budget(profile: Profile, fixed: int, budget: int, modes: list[str]) -> int:
@@ -399,8 +424,8 @@ def apply_memory_budget(model, batch_size: int, budget: int | str, *, img_size=N
     Call it after building the model and moving it to its device, before creating the optimizer
     (the plan counts the optimizer state the trainer is about to allocate) and before DDP/compile
     wrapping. The estimate was tuned with freed memory returned to the OS: on CPU, train inside
-    `train.lean.allocator.returning_freed_memory()`. Raises ValueError (with the batch that would
-    fit) when nothing fits."""
+    `train.lean.allocator.returning_freed_memory()` where `plan.return_freed_memory` (the budget binds;
+    the logged summary says which). Raises ValueError (with the batch that would fit) when nothing fits."""
     plan = plan_for_budget(model, batch_size, budget, img_size, in_chans=in_chans, precision=precision,
                            optimizer=optimizer, ema=ema)
     lean.install(model, plan.modes)
