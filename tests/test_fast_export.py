@@ -180,16 +180,25 @@ def test_int8_agrees_with_fp32_on_calibrated_model(exported):
 
 # ----------------------------------------------------------------------------------------- bench
 def test_bench_infer_smoke_rows():
+    """Every row carries its GFLOP/s and % of the fp32 peak measured at its batch size in the same run."""
     from swinkit.bench import bench_infer, format_table
     result = bench_infer("swin_nano_patch2_window4_32", batch_sizes=(1, 2), compare=[],
-                         swinkit=("eager", "optimized"), rounds=1, warmup=0, measure_peak=False)
+                         swinkit=("eager", "optimized"), rounds=1, warmup=0)
     assert {(row["batch"], row["engine"]) for row in result["rows"]} == {
         (b, e) for b in (1, 2) for e in ("swinkit eager", "swinkit optimized")}
+    peaks = result["header"]["gemm_peaks"]
+    assert set(peaks) == {1, 2}
     for row in result["rows"]:
-        assert {"batch", "engine", "ms", "img_s", "speedup", "baseline"} <= set(row)
+        assert {"batch", "engine", "ms", "img_s", "speedup", "baseline", "gflops", "pct_peak"} <= set(row)
         assert row["ms"] > 0 and row["baseline"] == "swinkit eager"
+        fp32 = peaks[row["batch"]]["peak_gflops"]["fp32"]
+        assert row["dtype"] == "fp32" and row["peak_gflops"] == fp32 > 0
+        # the row's GFLOP/s and % are rounded separately: equal to the rounding of a small value
+        assert row["pct_peak"] == pytest.approx(100 * row["gflops"] / fp32, rel=0.02, abs=0.1)
+        assert row["gemm_peaks_gflops"]["bf16"] > 0 and row["gemm_peaks_gflops"]["int8"] > 0
     assert {"cpu", "threads", "model", "img_size"} <= set(result["header"])
-    assert "swinkit optimized" in format_table(result)
+    table = format_table(result)
+    assert "swinkit optimized" in table and "GEMM peak GFLOP/s at batch 2" in table and "% fp32" in table
 
 
 def test_bench_infer_cli_json(capsys):

@@ -64,3 +64,27 @@ def device(text: str) -> str:
 def device_or_auto(text: str) -> str:
     """`device`, or auto (CUDA when there is one)."""
     return text if text == "auto" else device(text)
+
+
+def precision(text: str) -> str:
+    """An inference precision: fp32, bf16 or fp16 (`swinkit.precision.INFERENCE_PRECISIONS`)."""
+    from .precision import INFERENCE_PRECISIONS
+    if text not in INFERENCE_PRECISIONS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(INFERENCE_PRECISIONS)}, got {text!r}")
+    return text
+
+
+def precisions(text: str) -> list[str]:
+    """Comma-separated inference precisions, e.g. fp32,bf16 (each checked by `precision`, repeats dropped)."""
+    names = [precision(part.strip()) for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected precisions like fp32,bf16, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def add_precision_flag(parser: argparse.ArgumentParser, help: str, *, several: bool = False) -> None:
+    """THE `--precision` flag of the inference commands (eval, predict, export onnx: one value; bench infer:
+    `several`, comma-separated); `help` says what it does in that command."""
+    parser.add_argument("--precision", type=precisions if several else precision, default=["fp32"] if several
+                        else "fp32", metavar="fp32,bf16,fp16" if several else "{fp32,bf16,fp16}",
+                        help=f"{help} (default fp32)")

@@ -43,6 +43,7 @@ META_STEP = "swinkit_step"
 META_DYNAMIC = "swinkit_dynamic"
 META_VALIDATION = "swinkit_validation"
 META_QUANTIZATION = "swinkit_quantization"
+META_PRECISION = "swinkit_precision"  # an ONNX export's compute dtype: fp32, fp16, bf16 (absent: fp32)
 
 # What every safetensors file swinkit writes says about itself (peer layouts get only this).
 FORMAT_ENTRY = {META_FORMAT: "pt"}

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ..cli_types import device, fraction, non_negative_int, positive_int
+from ..cli_types import add_precision_flag, device, fraction, non_negative_int, positive_int
 from ..data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION
 from .evaluate import evaluate
 from .predict import predict
@@ -33,6 +33,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--backend", choices=("torch", "jax"), default="torch",
                         help="torch (default), or jax: the Flax port of the same model (needs swinkit[jax])")
+    add_precision_flag(parser, "dtype the model runs in (images cast to it, logits fp32); bf16 is fast on CPUs "
+                       "with BF16 units and on GPUs, fp16 is for GPUs (jax: fp32 or bf16 matmuls)")
     group = parser.add_argument_group("preprocessing (default: what the checkpoint was trained with)")
     group.add_argument("--img-size", type=_size, help="input size, 224 or HxW")
     group.add_argument("--crop-pct", type=fraction,
@@ -49,7 +51,7 @@ def _weights(args):
     """The weights file, or with --backend jax a runner of the Flax model loaded from it."""
     if args.backend == "jax":
         from ..jax.runner import load_jax_runner
-        return load_jax_runner(args.weights, model_name=args.model)
+        return load_jax_runner(args.weights, model_name=args.model, precision=args.precision)
     return args.weights
 
 
@@ -60,12 +62,13 @@ def _preprocess_overrides(args) -> dict:
 def _cmd_eval(args) -> int:
     _apply_threads(args)
     result = evaluate(_weights(args), args.data, model_name=args.model, batch_size=args.batch_size,
-                      workers=args.workers, device=args.device, preprocess=_preprocess_overrides(args))
+                      workers=args.workers, device=args.device, preprocess=_preprocess_overrides(args),
+                      precision=args.precision)
     if args.json:
         print(json.dumps(result))
         return 0
     k = result["top5_k"]
-    print(f"weights  {result['weights']}")
+    print(f"weights  {result['weights']}" + (f" ({result['precision']})" if result.get("precision") else ""))
     print(f"data     {result['data']}: {result['images']} images, {len(result['per_class'])} classes"
           f" ({result['seconds']:.1f} s)")
     print(f"top-1    {result['top1']:6.2f}%")
@@ -83,10 +86,10 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     _apply_threads(args)
     results = predict(_weights(args), args.images, model_name=args.model, topk=args.topk, device=args.device,
-                      batch_size=args.batch_size, preprocess=_preprocess_overrides(args))
+                      batch_size=args.batch_size, preprocess=_preprocess_overrides(args), precision=args.precision)
     failed = [entry for entry in results if "error" in entry]
     if args.json:
-        print(json.dumps({"weights": args.weights, "results": results}))
+        print(json.dumps({"weights": args.weights, "precision": args.precision, "results": results}))
     else:
         for entry in results:
             if "error" in entry:

@@ -4,26 +4,28 @@ from __future__ import annotations
 import json
 import sys
 
-from ..cli_types import positive_int
+from ..cli_types import add_precision_flag, positive_int
 
 
 def _cmd_export(args) -> int:
-    from .export import ExportError, export_onnx
+    from .export import ExportError, export_onnx, export_opset
     try:
         out = export_onnx(args.weights, args.out, opset=args.opset, dynamic=args.dynamic, model_name=args.model,
-                          validate=not args.no_validate)
+                          validate=not args.no_validate, precision=args.precision)
     except ExportError as error:
         print(f"swinkit export: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (opset {args.opset}, dynamic: {args.dynamic or 'none'})")
+    print(f"wrote {out} ({args.precision}, opset {export_opset(args.opset, args.precision)}, "
+          f"dynamic: {args.dynamic or 'none'}{', not validated' if args.no_validate else ''})")
     return 0
 
 
 def _cmd_quantize(args) -> int:
-    from .quantize import compare_accuracy, quantize
+    from .quantize import compare_accuracy, cpu_scheme, quantize
+    cpu = args.cpu or cpu_scheme()
     out = quantize(args.weights, args.calib, args.out, images=args.images, model_name=args.model,
-                   method=args.method, quantize_head=args.quantize_head)
-    print(f"wrote {out} (INT8 QDQ, calibrated on {args.images} images from {args.calib})")
+                   method=args.method, quantize_head=args.quantize_head, cpu=cpu)
+    print(f"wrote {out} (INT8 QDQ for {cpu} CPUs, calibrated on {args.images} images from {args.calib})")
     if args.eval:
         from .export import export_onnx
         import tempfile
@@ -40,6 +42,8 @@ def _cmd_quantize(args) -> int:
             print(f"{'INT8':8}{table['int8_top1']:>8.2f}{table['int8_top5']:>8.2f}")
             print(f"{'loss':8}{table['top1_loss']:>8.2f}{table['top5_loss']:>8.2f}   "
                   f"top-1 agreement {table['top1_agreement']:.2f}%")
+            print(f"logits: max |INT8 - FP32| {table['logits_max_abs_diff']:.4f}, mean "
+                  f"{table['logits_mean_abs_diff']:.4f}, cosine {table['logits_cosine']:.5f}")
     return 0
 
 
@@ -53,6 +57,9 @@ def register(subparsers) -> None:
     onnx.add_argument("--opset", type=positive_int, default=18)
     onnx.add_argument("--dynamic", default="batch,hw", help="dynamic axes: batch,hw (default), batch, or ''")
     onnx.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    add_precision_flag(onnx, "compute dtype of the graph (inputs and logits stay fp32): fp16 is for GPU providers "
+                       "(ONNX Runtime's CPU provider runs it through casts, slower than fp32); bf16 runs only on the "
+                       "CUDA provider (opset >= 22) and needs onnxruntime-gpu to validate, else --no-validate")
     onnx.set_defaults(func=_cmd_export)
 
     quant = subparsers.add_parser("quantize", help="INT8 post-training quantization calibrated on real images")
@@ -63,6 +70,9 @@ def register(subparsers) -> None:
     quant.add_argument("--images", type=positive_int, default=256, help="calibration images (default 256)")
     quant.add_argument("--method", default="minmax", choices=("minmax", "percentile", "entropy"))
     quant.add_argument("--quantize-head", action="store_true", help="quantize the classifier too (default: float)")
+    from .quantize import INT8_SCHEMES  # the CPU kinds and what each gets are defined there
+    quant.add_argument("--cpu", choices=tuple(INT8_SCHEMES), help="CPU kind the file is for: vnni (AVX512-VNNI/AVX-VNNI/AMX: attention matmuls "
+                       "in INT8 too) or avx2 (7-bit weights, linears only); default: this machine's")
     quant.add_argument("--eval", help="image folder to report FP32 vs INT8 top-1/top-5 on")
     quant.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (default: all)")
     quant.add_argument("--json", action="store_true")

@@ -10,9 +10,25 @@ the same subgraphs fold to constants. The file is written atomically, only after
 `onnx.checker` and ONNX Runtime (graph optimizations on) agree with the PyTorch eval
 model within `tolerance` at batch 1 and 3 and two resolutions.
 
+Precision (`precision=`, `swinkit export onnx --precision`): the graph computes in fp32, fp16 or
+bf16 (weights, activations; softmax stays fp32 as in PyTorch) and takes and returns fp32 (one Cast
+at each end), so runners feed it the same images. What ONNX Runtime 1.32 runs:
+
+* fp16 loads on the CPU provider, but its CPU kernels cover few fp16 ops (LayerNormalization,
+  Cast, data movement): ORT wraps every Gemm, MatMul, Conv and Add in Casts to fp32 and back,
+  so the file is slower than the fp32 one there (Swin-T, batch 8: ~1.2x the time). It is for
+  GPU providers (CUDA, TensorRT, DirectML); a warning says so. It is validated on the CPU provider.
+* bf16 needs opset 22 (earlier Conv has no bf16; raised automatically) and the CPU provider has
+  no bf16 kernels at all ("Could not find an implementation for Conv(22)"): it runs on the CUDA
+  provider. It is validated there when onnxruntime-gpu is installed; without it the export is
+  refused (`ExportError`) unless `validate=False` (`--no-validate`) asks for an unchecked file.
+
+Half-precision files are checked against the fp32 PyTorch model with a relative tolerance
+(`HALF_TOLERANCE` of the largest logit).
+
 Metadata (`metadata_props`): `swinkit_preprocess`, `swinkit_classes` (when the source
 checkpoint names its classes), `swinkit_config`, `swinkit_name`, `swinkit_dynamic`,
-`swinkit_validation`.
+`swinkit_precision`, `swinkit_validation`.
 """
 from __future__ import annotations
 
@@ -28,15 +44,33 @@ import torch
 from .. import api
 from ..errors import SwinkitError
 from ..files import atomic_write
-from ..metadata import META_CLASSES, META_DYNAMIC, META_VALIDATION, Preprocess, read_metadata
+from ..metadata import META_CLASSES, META_DYNAMIC, META_PRECISION, META_VALIDATION, Preprocess, read_metadata
 from ..models.swin import SwinTransformer
+from ..precision import inference_dtype, inference_precision
 from ..weights.io import CheckpointError
 from .fast import FastSwin
+from .onnx_runner import BF16_ON_CPU
 
 log = logging.getLogger("swinkit")
 
 DYNAMIC_AXES = ("batch", "hw")
 MAX_SIDE = 8192
+BF16_MIN_OPSET = 22    # ONNX Conv takes bf16 from opset 22
+HALF_TOLERANCE = 3e-2  # fp16/bf16 validation: max |ONNX - PyTorch fp32| over the largest |logit|
+FP16_ON_CPU = ("ONNX Runtime's CPU provider has fp16 kernels for few ops (LayerNormalization, Cast, data movement): "
+               "it wraps Gemm, MatMul, Conv and Add in casts to fp32, which makes an fp16 file slower than the fp32 "
+               "one on CPU; fp16 is for GPU providers (CUDA, TensorRT, DirectML)")
+
+
+def export_opset(opset: int, precision: str = "fp32") -> int:
+    """The opset a `precision` export is written with: `opset`, raised to `BF16_MIN_OPSET` for bf16."""
+    return max(opset, BF16_MIN_OPSET) if inference_dtype(precision) == torch.bfloat16 else opset
+
+
+def _bf16_providers() -> list[str] | None:
+    """ONNX Runtime providers that run bf16 graphs here (CUDA), or None."""
+    import onnxruntime as ort
+    return ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else None
 
 
 class ExportError(SwinkitError, RuntimeError):
@@ -90,23 +124,39 @@ def validation_sizes(model: SwinTransformer, axes: Iterable[str]) -> list[tuple[
 
 def export_onnx(model_or_weights: SwinTransformer | str | os.PathLike, out: str | os.PathLike, *, opset: int = 18,
                 dynamic: str | Iterable[str] | None = DYNAMIC_AXES, model_name: str | None = None,
-                validate: bool = True, tolerance: float = 1e-4) -> Path:
+                validate: bool = True, tolerance: float | None = None, precision: str = "fp32") -> Path:
     """Export a Swin model (or any checkpoint swinkit reads) to ONNX; returns the written path.
 
     `dynamic`: which axes stay free, from ("batch", "hw"). Without "hw" the file takes only the
-    model's `img_size`. Raises `ExportError` (nothing written) when the export fails or ONNX
-    Runtime disagrees with PyTorch by more than `tolerance`.
+    model's `img_size`. `precision`: fp32, fp16 or bf16 compute (see the module docstring for where
+    ONNX Runtime runs each). Raises `ExportError` (nothing written) when the export fails or ONNX
+    Runtime disagrees with PyTorch by more than `tolerance` (default 1e-4 absolute for fp32;
+    for fp16/bf16 a fraction of the largest logit, `HALF_TOLERANCE`).
     """
     import onnx
     import torch.fx.experimental._config as fx_config
 
+    dtype = inference_dtype(precision)
+    precision = inference_precision(dtype)
+    opset = export_opset(opset, precision)
+    providers = None
+    if dtype == torch.bfloat16:
+        providers = _bf16_providers() if validate else None
+        if validate and providers is None:
+            raise ExportError(f"cannot validate a bf16 export here: {BF16_ON_CPU}. Pass --no-validate "
+                              "(validate=False) to write it unchecked for the CUDA provider, or export fp32 "
+                              "(or INT8) for CPUs")
+    elif dtype == torch.float16:
+        log.warning("fp16 ONNX: %s", FP16_ON_CPU)
+    if tolerance is None:
+        tolerance = 1e-4 if dtype == torch.float32 else HALF_TOLERANCE
     axes = _dynamic(dynamic)
     model, checkpoint_metadata, source = load_source(model_or_weights, model_name)
     out = Path(out)
     if "hw" not in axes:
         log.warning("exporting %s with height and width fixed at %s (add 'hw' to dynamic for any size)",
                     source, "x".join(map(str, model.config.img_size)))
-    fast = FastSwin(model, use_onednn=False, split_qkv=True)  # plain ops: oneDNN calls do not export
+    fast = FastSwin(model, use_onednn=False, split_qkv=True).to(dtype)  # plain ops: oneDNN calls do not export
     fast.symbolic_sizes = True
     example = torch.randn(2 if "batch" in axes else 1, model.config.in_chans, *model.config.img_size)
     shapes: dict[int, torch.export.Dim] = {}
@@ -131,6 +181,7 @@ def export_onnx(model_or_weights: SwinTransformer | str | os.PathLike, out: str 
         proto = onnx.load(str(raw))
         metadata = onnx_metadata(model, checkpoint_metadata, source)
         metadata[META_DYNAMIC] = ",".join(axes)
+        metadata[META_PRECISION] = precision
         _set_metadata(proto, metadata)
         try:
             onnx.checker.check_model(proto)
@@ -140,13 +191,16 @@ def export_onnx(model_or_weights: SwinTransformer | str | os.PathLike, out: str 
         if validate:
             training = model.training
             try:
-                report = validate_onnx(raw, model.eval(), validation_sizes(model, axes))
+                report = validate_onnx(raw, model.eval(), validation_sizes(model, axes), providers=providers)
             finally:
                 model.train(training)
-            worst = max(row["max_abs_diff"] for row in report)
+            # fp32: absolute; fp16/bf16: relative to the largest logit of the fp32 model
+            worst = max(row["max_abs_diff"] / (1.0 if dtype == torch.float32 else max(row["max_abs_logit"], 1e-6))
+                        for row in report)
             if worst > tolerance:
-                raise ExportError(f"ONNX Runtime output of {source} differs from PyTorch by {worst:.3g} "
-                                  f"(> {tolerance:g}): {report}")
+                raise ExportError(f"ONNX Runtime output of {source} ({precision}) differs from PyTorch by {worst:.3g}"
+                                  f"{'' if dtype == torch.float32 else ' of the largest logit'} (> {tolerance:g}): "
+                                  f"{report}")
             _set_metadata(proto, {META_VALIDATION: json.dumps(report)})
         atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return out
@@ -162,11 +216,11 @@ def _set_metadata(proto, metadata: Mapping[str, str]) -> None:
 
 
 def validate_onnx(path: str | os.PathLike, model: torch.nn.Module, sizes: Iterable[tuple[int, int, int]],
-                  *, seed: int = 0) -> list[dict]:
-    """Run `path` in ONNX Runtime and `model` in PyTorch on the same random images; per size the
-    max absolute logit difference."""
+                  *, seed: int = 0, providers: list[str] | None = None) -> list[dict]:
+    """Run `path` in ONNX Runtime (CPU unless `providers`) and `model` in PyTorch on the same random images;
+    per size the max absolute logit difference and the largest absolute PyTorch logit."""
     from .onnx_runner import create_session
-    session = create_session(path)
+    session = create_session(path, providers=providers)
     name = session.get_inputs()[0].name
     generator = torch.Generator().manual_seed(seed)
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
@@ -175,7 +229,8 @@ def validate_onnx(path: str | os.PathLike, model: torch.nn.Module, sizes: Iterab
         images = torch.randn(batch, in_chans, height, width, generator=generator)
         with torch.no_grad():
             expected = model(images)
-        got = torch.from_numpy(session.run(None, {name: images.numpy()})[0])
+        got = torch.from_numpy(session.run(None, {name: images.numpy()})[0]).float()
         report.append({"batch": batch, "height": height, "width": width,
-                       "max_abs_diff": float((got - expected).abs().max())})
+                       "max_abs_diff": float((got - expected).abs().max()),
+                       "max_abs_logit": float(expected.abs().max())})
     return report

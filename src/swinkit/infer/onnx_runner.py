@@ -17,16 +17,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..metadata import Preprocess, classes_from_metadata, config_from_metadata
+from ..metadata import META_PRECISION, META_QUANTIZATION, Preprocess, classes_from_metadata, config_from_metadata
 from ..models.registry import SwinConfig
 from ..weights.io import CheckpointError
 
+BF16_ON_CPU = ("ONNX Runtime's CPU provider has no bf16 kernels (Conv, Gemm, MatMul, Add), so a bf16 graph runs only "
+               "on the CUDA provider (onnxruntime-gpu)")
+
 
 def session_options(threads: int | None = None):
-    """ORT session options: every graph optimization on, `threads` intra-op threads (None: ORT's default)."""
+    """ORT session options: every graph optimization on, `threads` intra-op threads (None: ORT's default),
+    denormals flushed to zero. The shifted-window mask (-100) makes softmax return ~1e-44 (denormal)
+    weights; on x86 every float op on them takes a slow path (measured, Swin-T batch 8: attn @ v in the
+    shifted blocks 23-29 ms instead of 1-6 ms, softmax 6-9 ms instead of 1-3 ms). Flushed, they are 0.
+    ONNX Runtime also sets flush-to-zero on the thread that creates the process's first session (threads
+    started after it inherit it): from then on that process computes denormals as 0 (differences below
+    1e-38)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -40,7 +50,20 @@ def create_session(path: str | os.PathLike, *, threads: int | None = None, provi
         return ort.InferenceSession(str(path), session_options(threads),
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types for unreadable or invalid graphs
-        raise CheckpointError(f"'{path}' cannot be loaded by ONNX Runtime: {error}") from None
+        hint = ""
+        if "CUDAExecutionProvider" not in (providers or []) and _precision_of(path) == "bf16":
+            hint = f" (a bf16 export: {BF16_ON_CPU}; use --device cuda)"
+        raise CheckpointError(f"'{path}' cannot be loaded by ONNX Runtime: {error}{hint}") from None
+
+
+def _precision_of(path: str | os.PathLike) -> str | None:
+    """`swinkit_precision` of an ONNX file (None when it cannot be read or does not say)."""
+    try:
+        import onnx
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # the file is already known to be unusable; this only adds a hint
+        return None
+    return next((prop.value for prop in proto.metadata_props if prop.key == META_PRECISION), None)
 
 
 class OnnxRunner:
@@ -62,6 +85,8 @@ class OnnxRunner:
         self.source = str(path)
         self.session = create_session(path, threads=threads, providers=providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        # fp32 / fp16 / bf16 compute (inputs and outputs are fp32 either way), int8 after `quantize`
+        self.precision = "int8" if META_QUANTIZATION in self.metadata else self.metadata.get(META_PRECISION, "fp32")
         config = config_from_metadata(self.metadata, source=str(path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inputs[0].name, outputs[0].name

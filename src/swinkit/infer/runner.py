@@ -25,6 +25,7 @@ import torch
 from .. import api
 from ..metadata import Preprocess, classes_from_metadata, read_metadata
 from ..weights.io import CheckpointError
+from ..precision import PrecisionError, inference_dtype, inference_precision
 from .fast import optimize_for_inference
 
 
@@ -41,12 +42,15 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """A swinkit model in eval mode on one device; calls run under `torch.inference_mode`."""
+    """A swinkit model in eval mode on one device; calls run under `torch.inference_mode`. Images are
+    cast to the model's dtype (its `precision`: fp32, bf16, fp16), logits come back in fp32."""
 
     def __init__(self, model: torch.nn.Module, preprocess: Preprocess, classes: list[str], *,
                  named_classes: bool = True, device: str | torch.device | None = None, source: str = "<model>"):
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.eval().to(self.device)
+        self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        self.precision = inference_precision(self.dtype)
         self.preprocess = preprocess
         self.classes = classes
         self.named_classes = named_classes
@@ -54,7 +58,11 @@ class TorchRunner:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(images.to(self.device, non_blocking=True)).float()
+            logits = self.model(images.to(self.device, self.dtype, non_blocking=True)).float()
+        if self.dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
+            raise PrecisionError(f"{self.source} overflowed in fp16 (logits not finite: fp16 ends at 65504); "
+                                 "use --precision bf16 (fp32's range) or fp32")
+        return logits
 
 
 def default_device() -> torch.device:
@@ -75,20 +83,28 @@ def load_classifier(path: Path, model_name: str | None = None) -> tuple:
 
 
 def load_runner(weights: str | Path, *, model_name: str | None = None,
-                device: str | torch.device | None = None) -> Runner:
-    """Weights file -> runner (PyTorch: `optimize_for_inference` of the model; `.onnx`: ONNX Runtime).
+                device: str | torch.device | None = None, precision: str = "fp32") -> Runner:
+    """Weights file -> runner (PyTorch: `optimize_for_inference` of the model in `precision`, fp32 / bf16 /
+    fp16; `.onnx`: ONNX Runtime, in the precision the file was exported in).
     A swinkit safetensors rebuilds its own model; any other layout
-    needs `model_name`. Raises `CheckpointError` naming the file when it cannot be used."""
+    needs `model_name`. Raises `CheckpointError` naming the file when it cannot be used, `PrecisionError`
+    for a precision it cannot run in."""
+    dtype = inference_dtype(precision)
     path = Path(weights).expanduser()
     if not path.exists():
         raise CheckpointError(f"weights file '{path}' does not exist")
     if path.suffix == ".onnx":
-        from .onnx_runner import OnnxRunner  # ONNX Runtime: FP32 or INT8 exports, same preprocessing
+        if dtype != torch.float32:
+            raise PrecisionError(f"'{path}' is an ONNX graph: it runs in the precision it was exported in; drop "
+                                 f"--precision {precision} (export with `swinkit export onnx --precision ...`)")
+        from .onnx_runner import OnnxRunner  # ONNX Runtime: FP32, FP16 or INT8 exports, same preprocessing
         return OnnxRunner(path, device=device)
     model, preprocess, classes, named = load_classifier(path, model_name)
-    # The frozen fast path (same definition, constants precomputed, oneDNN linears on CPU).
-    return TorchRunner(optimize_for_inference(model), preprocess, classes, named_classes=named, device=device,
-                       source=str(path))
+    # The frozen fast path (same definition, constants precomputed, oneDNN linears on CPU), built on the
+    # device it runs on (so a warning about missing bf16/fp16 units names the right one).
+    model = model.to(torch.device(device) if device is not None else default_device())
+    return TorchRunner(optimize_for_inference(model, dtype=dtype), preprocess, classes, named_classes=named,
+                       device=device, source=str(path))
 
 
 def with_preprocess(runner: Runner, preprocess: Preprocess | Mapping[str, Any] | None) -> Runner:
