@@ -176,6 +176,57 @@ def test_int8_agrees_with_fp32_on_calibrated_model(exported):
     table = compare_accuracy(fp32, int8, images)
     assert table["images"] == 24
     assert table["top1_agreement"] >= 85.0, table
+    assert table["logits_cosine"] >= 0.99 and 0 < table["logits_mean_abs_diff"] <= table["logits_max_abs_diff"]
+    same = compare_accuracy(fp32, fp32, images, images=8)
+    assert same["logits_max_abs_diff"] == 0 and same["logits_cosine"] == pytest.approx(1.0)
+
+
+@needs_ort
+@pytest.mark.parametrize("cpu", ["vnni", "avx2"])
+def test_int8_scheme_sets_which_ops_onnx_runtime_runs_in_int8(exported, cpu):
+    """The graph ONNX Runtime runs after its QDQ fusions. vnni: both attention matmuls in INT8
+    (q @ k^T MatMulIntegerToFloat, attn @ v QLinearMatMul, no float MatMul left) and the linears
+    hand float on (the only DequantizeLinear left feeds the float head). avx2: attn @ v stays
+    float, linear outputs are uint8 + DequantizeLinear, 7-bit weights."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from swinkit.infer.onnx_runner import session_options
+    from swinkit.infer.quantize import INT8_SCHEMES, compare_accuracy, quantize
+    model, fp32, _, folder = exported
+    blocks = sum(model.config.depths)
+    images = _image_folder(folder / f"calib_{cpu}", seed=1)
+    int8 = quantize(fp32, images, folder / f"nano.{cpu}.onnx", images=16, cpu=cpu)
+    options = session_options()
+    options.optimized_model_filepath = str(folder / f"nano.{cpu}.optimized.onnx")
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["MatMulIntegerToFloat"] == blocks and ops["QGemm"] == 6 * blocks + 1  # + patch merging
+    if cpu == "vnni":
+        assert ops["QLinearMatMul"] == blocks and ops["MatMul"] == 0 and ops["DequantizeLinear"] == 1, ops
+    else:
+        assert ops["QLinearMatMul"] == 0 and ops["MatMul"] == blocks and ops["DequantizeLinear"] > 4 * blocks, ops
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(int8)).metadata_props}["swinkit_quantization"])
+    assert recorded["cpu"] == cpu and {k: recorded[k] for k in INT8_SCHEMES[cpu]} == INT8_SCHEMES[cpu]
+    table = compare_accuracy(fp32, int8, images)
+    assert table["top1_agreement"] >= 85.0 and table["logits_cosine"] >= 0.99, table
+
+
+@needs_ort
+def test_int8_unknown_cpu_kind_is_refused_before_anything_is_written(exported, tmp_path):
+    from swinkit.infer.quantize import quantize
+    _, fp32, _, _ = exported
+    with pytest.raises(ValueError, match="unknown INT8 cpu kind 'arm'; choose from vnni, avx2"):
+        quantize(fp32, tmp_path, tmp_path / "out" / "x.onnx", cpu="arm")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_ort
+def test_onnx_sessions_flush_denormals():
+    """Softmax under the -100 shift mask returns denormal weights; x86 float math on them is slow."""
+    from swinkit.infer.onnx_runner import session_options
+    assert session_options(2).get_session_config_entry("session.set_denormal_as_zero") == "1"
 
 
 # ----------------------------------------------------------------------------------------- bench

@@ -50,13 +50,6 @@ def optimized_label(precision: str) -> str:
     return "swinkit optimized" if precision == "fp32" else f"swinkit optimized {precision}"
 
 
-def _row_dtype(label: str) -> str:
-    """The GEMM peak a row is measured against: the int8 engine's int8, the optimized path's its precision."""
-    if label == "swinkit int8":
-        return "int8"
-    return next((p for p in INFERENCE_PRECISIONS if p != "fp32" and label == optimized_label(p)), "fp32")
-
-
 def _timed(fn: Callable) -> float:
     start = time.perf_counter()
     fn()
@@ -214,7 +207,8 @@ def _rows(times: dict[str, list[float]], batch: int, flops: int, peaks: dict | N
         row = {"batch": batch, "engine": label, "ms": round(seconds * 1000, 2), "img_s": round(batch / seconds, 2),
                "min_ms": round(min(times[label]) * 1000, 2),
                "speedup": round(medians[baseline] / seconds, 2) if baseline else None, "baseline": baseline,
-               **machine.peak_fields(flops * batch / seconds / 1e9, _row_dtype(label), peaks)}
+               **machine.peak_fields(flops * batch / seconds / 1e9, machine.row_dtype(
+                   amp=label == optimized_label("bf16"), int8=label == "swinkit int8"), peaks)}  # fp16: fp32's
         rows.append(row)
     return rows
 
