@@ -150,7 +150,12 @@ def test_bench_infer_precision_rows_and_ratio(capsys):
                                                          "swinkit optimized bf16"]
     assert [row["dtype"] for row in result["rows"]] == ["fp32", "fp32", "bf16"]
     assert result["header"]["precisions"] == ["fp32", "bf16"]
-    assert "swinkit optimized bf16 vs fp32: " in format_table(result)
+    speed = {row["engine"]: row["img_s"] for row in result["rows"]}
+    assert result["ratios"] == [{"batch": 2, "engine": "swinkit optimized bf16", "against": "swinkit optimized",
+                                 "label": "swinkit optimized bf16 vs fp32", "ratio": pytest.approx(
+                                     speed["swinkit optimized bf16"] / speed["swinkit optimized"], abs=0.006)}]
+    table = format_table(result)
+    assert "swinkit optimized bf16 vs fp32: " in table and "speedup vs swinkit eager" in table
 
 
 def test_bench_infer_notes_missing_bf16_units(monkeypatch):

@@ -16,17 +16,67 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 SHAPE = (4099, 96, 288)
 
 
-def test_large_problems_take_the_onednn_path():
+@pytest.fixture
+def choices(tmp_path, monkeypatch):
+    """Measured engine choices kept in a fresh folder, none remembered in memory."""
+    monkeypatch.setenv(gemm.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(gemm.ENGINE_ENV, raising=False)
+    monkeypatch.setattr(gemm, "_tables", {})
+    return tmp_path
+
+
+def test_large_problems_take_the_onednn_path_where_it_is_chosen(monkeypatch):
     rows, inner, outer = SHAPE
     x = torch.randn(rows, inner)
-    assert gemm.uses_onednn("forward", rows * inner * outer, x)
-    assert gemm.uses_onednn("grad_weight", rows * inner * outer, x)
-    assert not gemm.uses_onednn("forward", 8 * inner * outer, x)
-    assert not gemm.uses_onednn("forward", rows * inner * outer, x.double())
-    assert not gemm.uses_onednn("grad_weight", rows * inner * outer, x.bfloat16())
+    monkeypatch.setenv(gemm.ENGINE_ENV, "onednn")
+    assert gemm.uses_onednn("forward", rows, inner, outer, x)
+    assert gemm.uses_onednn("grad_weight", rows, inner, outer, x)
+    assert not gemm.uses_onednn("forward", 8, inner, outer, x)
+    assert not gemm.uses_onednn("forward", rows, inner, outer, x.double())
+    assert not gemm.uses_onednn("grad_weight", rows, inner, outer, x.bfloat16())
+    monkeypatch.setenv(gemm.ENGINE_ENV, "torch")
+    assert not gemm.uses_onednn("forward", rows, inner, outer, x)
+    monkeypatch.setenv(gemm.ENGINE_ENV, "mkl")
+    with pytest.raises(ValueError, match="SWINKIT_GEMM_ENGINE='mkl': choose one of measure, onednn, torch"):
+        gemm.uses_onednn("forward", rows, inner, outer, x)
 
 
-def test_linear_and_its_gradients_match_float64():
+def test_engine_choice_is_measured_once_and_kept_per_machine(choices, monkeypatch):
+    """The first use of a shape times both libraries; the choice is written to the machine's file and
+    a later process (here: an emptied memory) reads it instead of measuring again."""
+    rows, inner, outer = SHAPE
+    calls = []
+    measure = gemm.measure_engine
+    monkeypatch.setattr(gemm, "measure_engine", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    first = gemm.engine("grad_input", rows, inner, outer, torch.float32)
+    assert first in ("torch", "onednn") and calls == [("grad_input", 4096, inner, outer, torch.float32, False)]
+    assert gemm.engine("grad_input", rows + 7, inner, outer, torch.float32) == first and len(calls) == 1  # same bucket
+    path = gemm.choices_path()
+    assert path.parent == choices
+    import json
+    saved = json.loads(path.read_text())["choices"]
+    assert saved == {f"grad_input float32 4096x{inner}x{outer}": first}
+    monkeypatch.setattr(gemm, "_tables", {})
+    path.write_text(json.dumps({"choices": {f"grad_input float32 4096x{inner}x{outer}": "torch"}}))
+    assert gemm.engine("grad_input", rows, inner, outer, torch.float32) == "torch" and len(calls) == 1
+    gemm.engine("forward", rows, inner, outer, torch.float32, gelu=True)  # a new shape: measured, merged
+    assert len(calls) == 2 and len(json.loads(path.read_text())["choices"]) == 2
+    assert gemm.engine("forward", 1 << 20, inner, outer, torch.float32) and calls[-1][1] == gemm.MEASURE_ROWS
+
+
+def test_unreadable_choices_are_measured_again(choices, caplog):
+    path = gemm.choices_path()
+    path.write_text("{not json")
+    rows, inner, outer = SHAPE
+    assert gemm.engine("forward", rows, inner, outer, torch.float32) in ("torch", "onednn")
+    assert "unreadable" in caplog.text and path.name in caplog.text
+    import json
+    assert len(json.loads(path.read_text())["choices"]) == 1
+
+
+@pytest.mark.parametrize("engine", ["onednn", "torch"])
+def test_linear_and_its_gradients_match_float64(engine, monkeypatch):
+    monkeypatch.setenv(gemm.ENGINE_ENV, engine)
     torch.manual_seed(0)
     rows, inner, outer = SHAPE
     x = torch.randn(rows // 11 + 1, 11, inner)[:rows // 11 + 1]  # 3-D input, rows = 4103
@@ -42,7 +92,8 @@ def test_linear_and_its_gradients_match_float64():
         assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_linear_autograd_matches_f_linear():
+def test_linear_autograd_matches_f_linear(monkeypatch):
+    monkeypatch.setenv(gemm.ENGINE_ENV, "onednn")
     torch.manual_seed(1)
     rows, inner, outer = SHAPE
     x = torch.randn(rows, inner, requires_grad=True)
@@ -74,6 +125,7 @@ def test_model_gradients_through_onednn_equal_plain_autograd(version, monkeypatc
     lean.uninstall(model)
     _, grads_plain = loss_and_grads(model, x)
     monkeypatch.setattr(gemm, "MIN_MACS", 0)
+    monkeypatch.setenv(gemm.ENGINE_ENV, "onednn")
     lean.install(model)
     _, grads_fast = loss_and_grads(model, x)
     for name, grad in grads_plain.items():

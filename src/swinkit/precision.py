@@ -14,6 +14,7 @@ Inference (`INFERENCE_PRECISIONS`: fp32, bf16, fp16) casts the whole frozen mode
 """
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -29,16 +30,28 @@ _AUTOCAST_DTYPES = {"fp32": None, "float32": None, "bf16-mixed": torch.bfloat16,
                     "fp16-mixed": torch.float16, "fp16": torch.float16}
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> tuple[str | None, frozenset[str]]:
+    """(model name, instruction-set flags) of the CPU from Linux /proc/cpuinfo; (None, empty) elsewhere.
+    The one reader: precision rules, the INT8 scheme and the benchmarks' machine line use it."""
+    name, flags = None, frozenset()
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if name is None and line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif not flags and line.startswith(("flags", "Features")):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                if name is not None and flags:
+                    break
     except OSError:
         pass
-    return frozenset()
+    return name, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    return cpu_info()[1]
 
 
 def has_fast_bf16(device: torch.device | str) -> bool:
@@ -136,3 +149,66 @@ def slow_precision_note(dtype: torch.dtype, device: torch.device | str) -> str |
         return None
     return (f"{name} on a CPU without {name.upper()} instructions ({', '.join(sorted(units))}): it runs, but the "
             f"matmuls convert to fp32 and it is usually slower than fp32")
+
+
+# ------------------------------------------------------------------------------------------ denormals
+# The shifted-window mask (-100, as in the official code and every peer) makes softmax return weights
+# near 1e-44: denormal floats. On x86 every float op on a denormal takes a slow microcode path: measured
+# on a 2-core AMX Xeon, attn @ v of Swin-T's masked windows 28x slower and their softmax 5x slower than
+# with denormals flushed. Flushed (FTZ/DAZ), those weights are exactly 0 instead of ~1e-44: results
+# differ below 1e-38, far inside every tolerance (fp32 resolution near 1 is 1e-7).
+_denormals_flushed: bool | None = None  # what `flush_denormals` last set (None: never, the process default)
+
+
+def _openmp_runtime():
+    """The GNU-compatible OpenMP runtime torch runs its CPU threads on (libgomp, or Intel's libiomp5,
+    which exports the same entry points), from this process's memory map; None where there is none."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "libgomp" in line or "libiomp5" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            runtime = ctypes.CDLL(path)
+            runtime.GOMP_parallel  # noqa: B018 (raises AttributeError if absent)
+            return runtime
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def flush_denormals(enable: bool = True) -> bool:
+    """Treat denormal floats as zero (x86 FTZ/DAZ) on this thread and on every thread of torch's OpenMP
+    pool (`torch.set_flush_denormal` sets the calling thread only; the pool's threads are reached with one
+    parallel region of the OpenMP runtime; threads created later inherit the setting). Returns True when
+    all of them were set, False where the CPU has no DAZ or no OpenMP runtime was found (then only this
+    thread and threads it starts later). The optimized inference path and the trainer call it
+    (`ensure_denormals_flushed`); it is process-wide, like `torch.set_flush_denormal`."""
+    global _denormals_flushed
+    import ctypes
+    if not torch.set_flush_denormal(enable):
+        return False
+    _denormals_flushed = enable
+    runtime = _openmp_runtime()
+    if runtime is None:
+        return False
+    callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    callback = callback_type(lambda _: torch.set_flush_denormal(enable))
+    runtime.GOMP_parallel.argtypes = [callback_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    runtime.GOMP_parallel.restype = None
+    runtime.GOMP_parallel(callback, None, max(torch.get_num_threads(), 1), 0)
+    return True
+
+
+def denormals_flushed() -> bool:
+    """Whether `flush_denormals` last turned flushing on in this process."""
+    return bool(_denormals_flushed)
+
+
+def ensure_denormals_flushed() -> None:
+    """`flush_denormals()` unless it already ran in this process (one cheap check per call after that).
+    A caller who turned flushing off (`flush_denormals(False)`) is not overridden."""
+    if _denormals_flushed is None:
+        flush_denormals(True)

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     infer.add_argument("--weights", help="checkpoint to benchmark (peers get random weights of the same shape)")
     infer.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma-separated (default 1,8)")
     infer.add_argument("--compare", default="timm,torchvision,hf,onnxruntime",
-                       help="peers: timm,torchvision,hf,onnxruntime or none (missing ones are skipped with a note)")
+                       help="peers: timm,torchvision,hf,onnxruntime,timm-ftz (timm with denormals flushed) or none "
+                            "(missing ones are skipped with a note)")
     infer.add_argument("--swinkit", default="eager,optimized,onnxruntime,int8",
                        help="swinkit engines to run: eager,optimized,onnxruntime,int8")
     add_precision_flag(infer, "dtypes of the optimized path, one row each ('swinkit optimized bf16'); the other "

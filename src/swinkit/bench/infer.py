@@ -10,6 +10,11 @@ alike); the reported time is the median over rounds. Engines:
     swinkit onnxruntime  `export_onnx` (dynamic batch/H/W) in ONNX Runtime, all graph optimizations
     swinkit int8         `quantize` of that file, calibrated on `calib_dir` (skipped without one)
     timm eager, timm jit.trace, torchvision, hf, timm onnxruntime   (peers; see `peers.py`)
+    timm eager ftz, timm jit.trace ftz   (`timm-ftz`: timm with denormals flushed, as swinkit runs)
+
+Each engine runs in its own float mode (`denormal_mode`): the optimized path and ONNX Runtime flush
+denormals to zero (the shift mask's softmax weights, ~1e-44, are slow on x86 otherwise), the eager
+model and the peers run in the process's default mode unless their row says "ftz".
 
 Speedups are against timm's `torch.jit.trace` (FasterTransformer's baseline), falling back
 to timm eager, then to swinkit eager. For each batch size the machine's GEMM peaks are
@@ -31,23 +36,54 @@ import torch
 
 from .. import api
 from ..infer.fast import optimize_for_inference
-from ..precision import INFERENCE_PRECISIONS, inference_dtype, slow_precision_note
+from ..precision import (INFERENCE_PRECISIONS, denormals_flushed, flush_denormals, inference_dtype,
+                         slow_precision_note)
 from ..models.swin import flops_per_image
 from . import machine, peers
 
 log = logging.getLogger("swinkit")
 
-PEERS = ("timm", "torchvision", "hf", "onnxruntime")
+PEERS = ("timm", "torchvision", "hf", "onnxruntime", "timm-ftz")
 SWINKIT_ENGINES = ("eager", "optimized", "onnxruntime", "int8")
 ENGINE_ORDER = ("swinkit eager", "swinkit optimized", "swinkit optimized bf16", "swinkit optimized fp16",
                 "swinkit onnxruntime", "swinkit int8",
-                "timm eager", "timm jit.trace", "torchvision", "hf", "timm onnxruntime")
+                "timm eager", "timm jit.trace", "timm eager ftz", "timm jit.trace ftz", "torchvision", "hf",
+                "timm onnxruntime")
+FLUSHED_PEERS = ("timm eager ftz", "timm jit.trace ftz")  # peers run with denormals flushed, as swinkit runs
+
+
+def denormal_mode(label: str) -> str:
+    """The float mode an engine runs in, as its library runs it: swinkit's optimized path flushes denormals
+    (`precision.flush_denormals`), so do ONNX Runtime sessions (by their options, on their own threads);
+    the eager model (the plain definition) and the peers run in the process's default mode, except the
+    "... ftz" rows (`--compare timm-ftz`), which show what flushing gives timm."""
+    return "default" if label == "swinkit eager" or (not label.startswith("swinkit") and label not in FLUSHED_PEERS) \
+        else "flush"
 BASELINES = ("timm jit.trace", "timm eager", "swinkit eager")
 
 
 def optimized_label(precision: str) -> str:
     """The engine name of the optimized path in `precision`: "swinkit optimized" (fp32), "swinkit optimized bf16"."""
     return "swinkit optimized" if precision == "fp32" else f"swinkit optimized {precision}"
+
+
+# The comparisons the README's targets are stated in: (engine, against, what it says), img/s over img/s.
+RATIOS = (("swinkit int8", "swinkit onnxruntime", "INT8 vs our FP32 in ONNX Runtime"),
+          ("swinkit onnxruntime", "timm onnxruntime", "our ONNX vs timm's export, both in ONNX Runtime"),
+          ("swinkit optimized", "timm jit.trace", "optimized vs timm jit.trace"),
+          *((optimized_label(p), "swinkit optimized", f"{optimized_label(p)} vs fp32") for p in INFERENCE_PRECISIONS[1:]))
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """`RATIOS` present in `rows`, per batch: {batch, engine, against, ratio (img/s over img/s), label}."""
+    found = []
+    for batch in sorted({row["batch"] for row in rows}):
+        speed = {row["engine"]: row["img_s"] for row in rows if row["batch"] == batch}
+        for engine, against, label in RATIOS:
+            if engine in speed and against in speed:
+                found.append({"batch": batch, "engine": engine, "against": against, "label": label,
+                              "ratio": round(speed[engine] / speed[against], 2)})
+    return found
 
 
 def _timed(fn: Callable) -> float:
@@ -102,6 +138,9 @@ def _engines(model, name: str | None, example: torch.Tensor, ours: Sequence[str]
     if "timm" in compare:
         attempt("timm eager", lambda: peers.timm_eager(config, example))
         attempt("timm jit.trace", lambda: peers.timm_jit(config, example))
+    if "timm-ftz" in compare:
+        attempt("timm eager ftz", lambda: peers.timm_eager(config, example))
+        attempt("timm jit.trace ftz", lambda: peers.timm_jit(config, example))
     if "torchvision" in compare:
         attempt("torchvision", lambda: peers.torchvision_model(name, config, example))
     if "hf" in compare:
@@ -177,12 +216,23 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
             times = _measure(engines, images, rounds, warmup, skipped, batch)
             rows += _rows(times, batch, flops, peaks)
     header["load_average_after"] = machine.load_average()
-    return {"header": header, "rows": rows, "skipped": skipped}
+    return {"header": header, "rows": rows, "ratios": ratios(rows), "skipped": skipped}
+
+
+def _in_mode(label: str, engine: Callable) -> Callable:
+    """`engine` run in its float mode (`denormal_mode`): the process's mode is switched only when it differs."""
+    mode = denormal_mode(label)
+
+    def call(images):
+        if denormals_flushed() != (mode == "flush"):
+            flush_denormals(mode == "flush")
+        return engine(images)
+    return call
 
 
 def _measure(engines: dict[str, Callable], images: torch.Tensor, rounds: int, warmup: int, skipped: list[dict],
              batch: int) -> dict[str, list[float]]:
-    live = dict(engines)
+    live = {label: _in_mode(label, engine) for label, engine in engines.items()}
     with torch.inference_mode():
         for label, engine in list(live.items()):
             try:
@@ -207,6 +257,7 @@ def _rows(times: dict[str, list[float]], batch: int, flops: int, peaks: dict | N
         row = {"batch": batch, "engine": label, "ms": round(seconds * 1000, 2), "img_s": round(batch / seconds, 2),
                "min_ms": round(min(times[label]) * 1000, 2),
                "speedup": round(medians[baseline] / seconds, 2) if baseline else None, "baseline": baseline,
+               "denormals": denormal_mode(label),
                **machine.peak_fields(flops * batch / seconds / 1e9, machine.row_dtype(
                    amp=label == optimized_label("bf16"), int8=label == "swinkit int8"), peaks)}  # fp16: fp32's
         rows.append(row)
@@ -231,18 +282,17 @@ def format_table(result: dict) -> str:
         measured = peaks.get(batch) or peaks.get(str(batch))  # (str keys after a JSON round trip)
         if measured:
             lines.append("  " + machine.format_peaks(measured, f" at batch {batch}"))
-        lines.append(f"  {'engine':<22} {'ms/batch':>10} {'img/s':>9} {'speedup vs ' + str(baseline):>28} "
+        speedup_title = f"speedup vs {baseline}" if baseline else "speedup"
+        lines.append(f"  {'engine':<22} {'ms/batch':>10} {'img/s':>9} {speedup_title:>28} "
                      f"{'GFLOP/s':>8} {'% peak':>12}")
         for row in rows:
             speedup = f"{row['speedup']:.2f}x" if row["speedup"] is not None else "-"
             pct = f"{row['pct_peak']:.0f}% {row['dtype']}" if row.get("pct_peak") is not None else "-"
             lines.append(f"  {row['engine']:<22} {row['ms']:>10.1f} {row['img_s']:>9.2f} {speedup:>28} "
                          f"{row['gflops']:>8.1f} {pct:>12}")
-        times = {row["engine"]: row["ms"] for row in rows}
-        for precision in INFERENCE_PRECISIONS[1:]:
-            if optimized_label(precision) in times and "swinkit optimized" in times:
-                lines.append(f"  {optimized_label(precision)} vs fp32: "
-                             f"{times['swinkit optimized'] / times[optimized_label(precision)]:.2f}x img/s")
+        for item in result.get("ratios", []):
+            if item["batch"] == batch:
+                lines.append(f"  {item['label']}: {item['ratio']:.2f}x img/s")
     for note in header.get("notes", []):
         lines.append(f"note: {note}")
     for item in result["skipped"]:

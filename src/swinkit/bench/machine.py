@@ -9,7 +9,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,27 +16,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .. import onednn
-
-BF16_UNITS = {"avx512_bf16", "amx_bf16", "amx_tile"}
-
-
-def _cpuinfo() -> tuple[str | None, set[str]]:
-    """(model name, flags) from Linux /proc/cpuinfo; (None, {}) elsewhere."""
-    name, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if name is None and line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif not flags and line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return name, flags
-
+from ..precision import BF16_UNITS, cpu_info
 
 def cpu_name() -> str:
     """The CPU model string (Linux /proc/cpuinfo, else platform.processor())."""
-    return _cpuinfo()[0] or platform.processor() or platform.machine() or "unknown CPU"
+    return cpu_info()[0] or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def load_average() -> float | None:
@@ -50,7 +33,7 @@ def load_average() -> float | None:
 
 def machine_info(device: str = "cpu") -> dict:
     """{cpu, cpu_capability, bf16_units, threads, torch, load_average} (+ gpu on CUDA)."""
-    name, flags = _cpuinfo()
+    name, flags = cpu_info()
     info = {"cpu": name or platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_units": sorted(flags & BF16_UNITS),

@@ -19,7 +19,9 @@ training gets a row of its own.
 
 Each swinkit child treats the allocator as `swinkit train` would at its batch: freed memory goes
 back to the OS only where the budget binds (`train.memory.budget_binds` on the planner's estimate);
-timm's children run with glibc's defaults, as timm does. After the children, the machine's GEMM
+timm's children run with glibc's defaults, as timm does. swinkit's children flush denormals to zero
+as `swinkit train` does (`precision.flush_denormals`); timm's run in the process's default float mode
+(`--compare timm`) or flushed too (`--compare timm-ftz`), so both effects can be told apart. After the children, the machine's GEMM
 peaks are measured on the model's linear shapes at each row's batch (`machine.measure_peaks`) and
 every row states its training GFLOP/s (`models.swin.flops_per_image`) and % of the peak of its
 dtype (fp32 rows of fp32's, amp rows of bf16's).
@@ -56,6 +58,10 @@ class Probe:
     result: dict
 
 
+# peers of `--compare` -> the denormal mode their children run in (swinkit's flush, `precision.flush_denormals`)
+PEERS = {"timm": "default", "timm-ftz": "flush"}
+
+
 class ChildError(RuntimeError):
     """A training child failed for a reason other than the budget."""
 
@@ -63,14 +69,17 @@ class ChildError(RuntimeError):
 def run_child(model: str, batch: int, *, setting: str = "none", budget: int | None = None, steps: int = 1,
               warmup: int = 1, plan: list[str] | None = None, impl: str = "swinkit", img_size: int | None = None,
               device: str = "cpu", threads: int | None = None, timeout: float | None = None,
-              return_freed_memory: bool = True) -> Probe:
+              return_freed_memory: bool = True, denormals: str | None = None) -> Probe:
     """Train `batch` images per step in a fresh process and read back its measurements
-    (`return_freed_memory` False: glibc keeps freed memory, `--keep-freed-memory`)."""
+    (`return_freed_memory` False: glibc keeps freed memory, `--keep-freed-memory`; `denormals` "flush" or
+    "default", None: the child's default for `impl`)."""
     command = [sys.executable, "-m", "swinkit.bench.train_child", "--model", model, "--batch", str(batch),
                "--steps", str(steps), "--warmup", str(warmup), "--setting", setting, "--impl", impl,
                "--device", device]
     if not return_freed_memory:
         command.append("--keep-freed-memory")
+    if denormals:
+        command += ["--denormals", denormals]
     if budget:
         command += ["--budget", str(int(budget))]
     if plan:
@@ -179,8 +188,8 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
         if setting not in SETTINGS:
             raise ValueError(f"setting {setting!r} is not one of {', '.join(SETTINGS)}")
     for peer in compare:
-        if peer != "timm":
-            raise ValueError(f"--compare {peer!r}: only 'timm' is supported")
+        if peer not in PEERS:
+            raise ValueError(f"--compare {peer!r}: choose from {', '.join(PEERS)}")
     log = log or (lambda message: None)
     model = build_model(model_name, img_size=img_size)
     img_size = img_size or model.config.img_size[0]
@@ -189,19 +198,19 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
     planner = _Planner(model, budget, img_size,
                        lambda: run_child(model_name, 1, steps=0, warmup=0, **child).result["baseline_bytes"])
     saved = {"swinkit": planner.profile(False).activation_bytes(["none"] * len(model.blocks()))}
-    if "timm" in compare:
+    if compare:
         saved["timm"] = memory.saved_bytes_per_image(build_model(model_name, "timm", img_size), img_size)
 
-    jobs = [(setting, "swinkit") for setting in settings] + [("none", "timm") for _ in compare]
+    jobs = [(setting, "swinkit", None) for setting in settings] + [("none", "timm", PEERS[peer]) for peer in compare]
     found = {}
-    for setting, impl in jobs:  # first every search, then every timing run back to back (same load)
+    for setting, impl, denormals in jobs:  # first every search, then every timing run back to back (same load)
         amp, recompute = "amp" in setting, "recompute" in setting and impl == "swinkit"
 
-        def probe(candidate, steps_=1, setting=setting, impl=impl, amp=amp, recompute=recompute):
+        def probe(candidate, steps_=1, setting=setting, impl=impl, amp=amp, recompute=recompute, denormals=denormals):
             plan = planner.plan(candidate, amp) if recompute else None
             returning = impl == "swinkit" and (device != "cpu" or planner.binds(candidate, amp, plan))
             result = run_child(model_name, candidate, setting=setting, budget=budget, steps=steps_, plan=plan,
-                               impl=impl, return_freed_memory=returning, **child)
+                               impl=impl, return_freed_memory=returning, denormals=denormals, **child)
             result.result["returns_freed_memory"] = returning
             if impl == "swinkit":
                 planner.saw(result.result)
@@ -212,16 +221,17 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
 
         if batch is not None:
             best = probe(batch, steps)
-            found[setting, impl] = (best if best.fits else None, probe)
+            found[setting, impl, denormals] = (best if best.fits else None, probe)
         else:
-            found[setting, impl] = (search_max_batch(probe, max_batch, tolerance)[0], probe)
+            found[setting, impl, denormals] = (search_max_batch(probe, max_batch, tolerance)[0], probe)
     rows = []
-    for (setting, impl), (best, probe) in found.items():
+    for (setting, impl, denormals), (best, probe) in found.items():
         if best is not None and batch is None and steps > 1:
             timed = probe(best.batch, steps)
             best = timed if timed.fits else best  # a timing run that crept over keeps the search result
         amp = "amp" in setting
-        row = {"setting": setting if impl == "swinkit" else f"timm {setting}", "impl": impl,
+        label = setting if impl == "swinkit" else f"timm {setting}{' ftz' if denormals == 'flush' else ''}"
+        row = {"setting": label, "impl": impl, "denormals": best.result.get("denormals") if best else None,
                "max_batch": best.batch if best else 0,
                "s_per_step": best.result["s_per_step"] if best else None,
                "img_per_s": best.result["img_per_s"] if best else None,
@@ -358,8 +368,9 @@ def register_train(bench_subparsers) -> None:
     parser.add_argument("--memory-budget", required=True, help="e.g. 6GB, 2.5G, 512MiB")
     parser.add_argument("--settings", default="none,amp,recompute,recompute+amp",
                         help="comma-separated: " + ", ".join(SETTINGS))
-    parser.add_argument("--compare", action="append", choices=("timm",),
-                        help="also measure timm's model of the same architecture")
+    parser.add_argument("--compare", action="append", choices=tuple(PEERS),
+                        help="also measure timm's model of the same architecture: timm (as timm runs: the process's "
+                             "default float mode), timm-ftz (with denormals flushed, as swinkit trains)")
     parser.add_argument("--steps", type=positive_int, default=2, help="timed steps at the final batch (default 2)")
     parser.add_argument("--img-size", type=positive_int, default=None)
     parser.add_argument("--max-batch", type=positive_int, default=4096, help="stop the search here")

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ..precision import amp_dtype
+from ..precision import amp_dtype, denormals_flushed, flush_denormals
 from ..sysinfo import peak_rss, process_rss
 from ..train import lean
 from ..train.lean.allocator import enable_huge_pages, returning_freed_memory
@@ -97,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="leave glibc's malloc as it is (default: return freed memory, as the trainer does "
                              "under a --memory-budget that binds; the benchmark passes this where it does not)")
+    parser.add_argument("--denormals", choices=("flush", "default"), default=None,
+                        help="flush: denormals as zero (what `swinkit train` does on CPU); default: the process's "
+                             "default (what timm's own training gets). Default: flush for swinkit, default for timm")
     return parser.parse_args(argv)
 
 
@@ -111,6 +114,8 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu" and (args.denormals or ("flush" if args.impl == "swinkit" else "default")) == "flush":
+        flush_denormals()  # as the trainer does (`precision.ensure_denormals_flushed`)
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.impl, args.img_size, args.num_classes).to(device).train()
     amp = "amp" in args.setting
@@ -157,6 +162,7 @@ def _run(args) -> int:
                       "img_per_s": args.batch / s_per_step if times else float("nan"),
                       "loss": None if loss is None else float(loss.detach()), "lean": args.impl == "swinkit",
                       "threads": torch.get_num_threads(),
+                      "denormals": "flush" if denormals_flushed() else "default",
                       "plan": lean.plan_of(model) if args.impl == "swinkit" else None}), flush=True)
     return 0
 

@@ -34,11 +34,11 @@ from torch import nn
 
 from .. import onednn
 from ..models.attention import WindowAttention, long_scalar, window_layout
-from ..models.layers import MERGE_OFFSETS, Mlp
+from ..models.layers import MERGE_OFFSETS, Mlp, tracing
 from ..models.registry import shift_size
 from ..models.swin import SwinTransformer
 from ..policy import specialise
-from ..precision import inference_dtype, slow_precision_note
+from ..precision import ensure_denormals_flushed, inference_dtype, slow_precision_note
 
 __all__ = ["FastSwin", "optimize_for_inference"]
 
@@ -318,6 +318,8 @@ class FastSwin(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images `[B, in_chans, H, W]` of any float dtype (cast to the model's) -> fp32 logits `[B, num_classes]`."""
         model = self.model
+        if images.device.type == "cpu" and not tracing():
+            ensure_denormals_flushed()  # the shift mask's softmax weights: ~1e-44, slow unless flushed
         x = model.patch_embed(images.to(model.patch_embed.proj.weight.dtype))  # [B, H/p, W/p, C]
         batch, height, width, dim = x.shape
         if self.symbolic_sizes:

@@ -38,7 +38,7 @@ from ..files import atomic_write
 from ..metadata import META_QUANTIZATION
 from ..metrics import percent, topk_hits
 from ..models.swin import SwinTransformer
-from ..precision import PrecisionError
+from ..precision import PrecisionError, cpu_flags
 from .onnx_runner import OnnxRunner
 
 log = logging.getLogger("swinkit")
@@ -48,11 +48,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 def cpu_has_vnni() -> bool:
     """True when the CPU has 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 # What `quantize` puts in INT8 for each CPU kind (README "INT8" has the measurements).

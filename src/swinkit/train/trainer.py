@@ -32,7 +32,7 @@ from ..files import FolderLock, remove_stale_temps
 from ..metadata import META_CLASSES, META_STEP, META_WEIGHTS, Preprocess
 from ..models.registry import SwinConfig
 from ..models.swin import SwinTransformer
-from ..precision import autocast_dtype
+from ..precision import autocast_dtype, ensure_denormals_flushed
 from ..precision import resolve as resolve_precision
 from ..weights.io import CheckpointError
 from . import distributed, lean
@@ -197,7 +197,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train to `total_steps`. Under a memory budget that binds (`train.memory.budget_binds`), on CPU,
-        freed memory goes back to the OS while training runs (`train.lean.allocator`)."""
+        freed memory goes back to the OS while training runs (`train.lean.allocator`). On CPU, denormals are
+        flushed to zero (`precision.flush_denormals`: the shift mask's softmax weights, ~1e-44, are slow otherwise)."""
+        if self.device.type == "cpu":
+            ensure_denormals_flushed()
         plan = self.memory_plan
         returning = plan is not None and plan.return_freed_memory and self.device.type == "cpu"
         with returning_freed_memory() if returning else nullcontext(), self.stop:
