@@ -174,6 +174,19 @@ def test_child_reports_one_json_line():
     for key in ("peak_bytes", "baseline_bytes", "s_per_step", "img_per_s", "plan"):
         assert key in fit.result
     assert fit.result["peak_bytes"] >= fit.result["baseline_bytes"] > 0
+    assert fit.result["denormals"] == "flush"  # as `swinkit train` runs
+
+
+@pytest.mark.parametrize("denormals, expected", [(None, "default"), ("flush", "flush")])
+def test_timm_child_runs_in_the_float_mode_asked(denormals, expected):
+    pytest.importorskip("timm")
+    fit = run_child(TINY, 1, steps=0, warmup=0, img_size=32, threads=1, impl="timm", denormals=denormals)
+    assert fit.result["denormals"] == expected
+
+
+def test_bench_train_refuses_an_unknown_peer():
+    with pytest.raises(ValueError, match="--compare 'hf': choose from timm, timm-ftz"):
+        bench_train(TINY, "24GB", ["none"], compare=("hf",), steps=1, max_batch=1, threads=1)
 
 
 def _recording_children(monkeypatch):
