@@ -15,7 +15,8 @@ The fast model runs the same block definition as the eval model (`models.swin.Sw
   (LayerNorm, MLP and residuals are per-token, so they do not care about the order). Padded
   slots hold copies of a real token and are masked as keys exactly as the eval model masks its
   zero padding, so they never reach a real token.
-* On CPU, linear layers run through oneDNN (`swinkit.onednn.linear`, fc1 with GELU fused);
+* On CPU, linear layers run through `swinkit.onednn.linear`: oneDNN (fc1 with GELU fused) or MKL,
+  whichever measured faster for the shape on this machine (`onednn.engine`);
   elsewhere (CUDA, ONNX export, torch.compile) plain `F.linear` on 2-D tokens (which ONNX
   Runtime fuses into one Gemm).
 * No dropout, drop path, gradient checkpointing or autograd state: parameters are frozen.
@@ -61,7 +62,8 @@ def optimize_for_inference(model: SwinTransformer, *, dtype: torch.dtype | str |
     differ from fp32 by 1-3% of the largest logit (Fashion-MNIST recipe model: top-1 89.55 vs 89.59%,
     agreement 99.91%), fp16 by ~0.1-0.3%. The copy takes images of any float dtype (cast to its own)
     and returns fp32 logits.
-    `use_onednn`: None = oneDNN linears on CPU when available. `compile=True` wraps the
+    `use_onednn`: None = `onednn.linear` on CPU when oneDNN is available (it picks oneDNN or MKL per shape).
+    On CPU the first forward flushes denormals to zero process-wide (`precision.flush_denormals`). `compile=True` wraps the
     result in `torch.compile` (static shapes: one compilation per input size). Measured on
     an AVX-512 AMD CPU it is ~1.8x *slower* than the uncompiled fast path: inductor lowers the
     linears to the default BLAS instead of oneDNN; it is there for CUDA.

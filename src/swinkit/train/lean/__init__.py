@@ -15,7 +15,8 @@ keeps for backward and which kernels run, by specialising the model's modules in
   what else is kept: "none"; "selective" = the attention branch is recomputed in backward
   (`torch.utils.checkpoint`); "full" = the block keeps only its input and runs forward and
   backward in slices of the batch (`recompute.py`);
-- linear layers: the three matmuls on oneDNN where `swinkit.onednn.uses_onednn` says so;
+- linear layers: the three matmuls on oneDNN where `swinkit.onednn.uses_onednn` says so (large CPU
+  problems where oneDNN measured faster than MKL for the shape);
 - the patch embedding keeps only the image; v1 patch merging keeps only the 2x2 gather.
 
 Gradients equal autograd of the plain definition (tests: float64 within 1e-12, fp32 within 1e-6).
