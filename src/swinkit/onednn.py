@@ -139,8 +139,9 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out_features, in_features = grad_out.shape[-1], x.shape[-1]
     rows = x.numel() // in_features
     grad_2d, x_2d = grad_out.reshape(rows, out_features), x.reshape(rows, in_features)
-    engine_ = "onednn" if uses_onednn("grad_weight", rows, in_features, out_features, grad_out, x) else "torch"
-    return _OPS["grad_weight"][engine_](grad_2d, x_2d)
+    if not uses_onednn("grad_weight", rows, in_features, out_features, grad_out, x):
+        return _grad_weight_torch(grad_2d, x_2d)
+    return _grad_weight_onednn(grad_2d, x_2d)
 
 
 # ------------------------------------------------------------------- which library runs a shape

@@ -160,9 +160,11 @@ def slow_precision_note(dtype: torch.dtype, device: torch.device | str) -> str |
 _denormals_flushed: bool | None = None  # what `flush_denormals` last set (None: never, the process default)
 
 
+@functools.lru_cache(maxsize=1)
 def _openmp_runtime():
     """The GNU-compatible OpenMP runtime torch runs its CPU threads on (libgomp, or Intel's libiomp5,
-    which exports the same entry points), from this process's memory map; None where there is none."""
+    which exports the same entry points), from this process's memory map (read once); None where there
+    is none."""
     import ctypes
     try:
         with open("/proc/self/maps") as maps:

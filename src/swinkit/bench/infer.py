@@ -57,8 +57,11 @@ def denormal_mode(label: str) -> str:
     (`precision.flush_denormals`), so do ONNX Runtime sessions (by their options, on their own threads);
     the eager model (the plain definition) and the peers run in the process's default mode, except the
     "... ftz" rows (`--compare timm-ftz`), which show what flushing gives timm."""
-    return "default" if label == "swinkit eager" or (not label.startswith("swinkit") and label not in FLUSHED_PEERS) \
-        else "flush"
+    if label in FLUSHED_PEERS:
+        return "flush"
+    return "flush" if label.startswith("swinkit") and label != "swinkit eager" else "default"
+
+
 BASELINES = ("timm jit.trace", "timm eager", "swinkit eager")
 
 
@@ -219,22 +222,20 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
     return {"header": header, "rows": rows, "ratios": ratios(rows), "skipped": skipped}
 
 
-def _in_mode(label: str, engine: Callable) -> Callable:
-    """`engine` run in its float mode (`denormal_mode`): the process's mode is switched only when it differs."""
-    mode = denormal_mode(label)
-
-    def call(images):
-        if denormals_flushed() != (mode == "flush"):
-            flush_denormals(mode == "flush")
-        return engine(images)
-    return call
+def _enter_mode(label: str) -> None:
+    """Switch the process to `label`'s float mode (`denormal_mode`) where it differs; before, not inside,
+    the engine's timed call."""
+    flush = denormal_mode(label) == "flush"
+    if denormals_flushed() != flush:
+        flush_denormals(flush)
 
 
 def _measure(engines: dict[str, Callable], images: torch.Tensor, rounds: int, warmup: int, skipped: list[dict],
              batch: int) -> dict[str, list[float]]:
-    live = {label: _in_mode(label, engine) for label, engine in engines.items()}
+    live = dict(engines)
     with torch.inference_mode():
         for label, engine in list(live.items()):
+            _enter_mode(label)
             try:
                 for _ in range(max(warmup, 1)):  # at least one call: a failure shows before timing
                     engine(images)
@@ -244,6 +245,7 @@ def _measure(engines: dict[str, Callable], images: torch.Tensor, rounds: int, wa
         times: dict[str, list[float]] = {label: [] for label in live}
         for _ in range(rounds):
             for label, engine in live.items():
+                _enter_mode(label)
                 times[label].append(_timed(lambda: engine(images)))
     return times
 

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from .. import onednn
 from ..precision import BF16_UNITS, cpu_info
 
+
 def cpu_name() -> str:
     """The CPU model string (Linux /proc/cpuinfo, else platform.processor())."""
     return cpu_info()[0] or platform.processor() or platform.machine() or "unknown CPU"
