@@ -224,7 +224,8 @@ def test_layouts_without_it_refuse_it(tmp_path, layout):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_other_input_sizes_fast_path_and_lean_training(version):
-    from swinkit.infer.fast import FastSwin, optimize_for_inference
+    from swinkit.infer.fast import FastSwin
+    from swinkit.infer.optimize import optimize_for_inference
     from swinkit.train import lean
     model = _model(version)
     for height, width in [(64, 64), (45, 61), (23, 90)]:  # non-square, not multiples of the patch

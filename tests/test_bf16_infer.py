@@ -13,7 +13,7 @@ import swinkit
 import swinkit.precision
 from swinkit.cli import main
 from swinkit.infer import evaluate, load_runner, predict
-from swinkit.infer.fast import optimize_for_inference
+from swinkit.infer.optimize import optimize_for_inference
 from swinkit.precision import PrecisionError
 from test_eval_predict import CLASSES, IMAGES_PER_CLASS, dataset_root, model, one_thread, weights  # noqa: F401
 from test_fast_export import _nontrivial, needs_ort

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import swinkit
-from swinkit.infer.fast import FastSwin, optimize_for_inference
+from swinkit.infer.fast import FastSwin
+from swinkit.infer.optimize import optimize_for_inference
 
 HAS_ORT = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime", "onnxscript"))
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnx / onnxruntime / onnxscript not installed")

@@ -119,7 +119,7 @@ def test_slice_loops_hand_freed_memory_back():
     """Under returning_freed_memory, memory freed inside reuse_freed_memory() goes back on leaving it."""
     code = textwrap.dedent("""
         import torch
-        from swinkit.train.lean import allocator
+        from swinkit import allocator
         from swinkit.sysinfo import process_rss
         assert allocator._glibc() is not None
         with allocator.returning_freed_memory():

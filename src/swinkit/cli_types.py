@@ -66,25 +66,42 @@ def device_or_auto(text: str) -> str:
     return text if text == "auto" else device(text)
 
 
-def precision(text: str) -> str:
-    """An inference precision: fp32, bf16 or fp16 (`swinkit.precision.INFERENCE_PRECISIONS`)."""
-    from .precision import INFERENCE_PRECISIONS
-    if text not in INFERENCE_PRECISIONS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(INFERENCE_PRECISIONS)}, got {text!r}")
+def _precision_names(int8: bool) -> tuple[str, ...]:
+    from .precision import INFERENCE_PRECISIONS, INT8
+    return INFERENCE_PRECISIONS + ((INT8,) if int8 else ())
+
+
+def precision(text: str, int8: bool = False) -> str:
+    """An inference precision: fp32, bf16 or fp16 (`swinkit.precision.INFERENCE_PRECISIONS`), and int8
+    where `int8` (the commands that run the PyTorch INT8 path)."""
+    names = _precision_names(int8)
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {text!r}")
     return text
 
 
-def precisions(text: str) -> list[str]:
+def precisions(text: str, int8: bool = False) -> list[str]:
     """Comma-separated inference precisions, e.g. fp32,bf16 (each checked by `precision`, repeats dropped)."""
-    names = [precision(part.strip()) for part in text.split(",") if part.strip()]
+    names = [precision(part.strip(), int8) for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"expected precisions like fp32,bf16, got {text!r}")
     return list(dict.fromkeys(names))
 
 
-def add_precision_flag(parser: argparse.ArgumentParser, help: str, *, several: bool = False) -> None:
+def add_precision_flag(parser: argparse.ArgumentParser, help: str, *, several: bool = False,
+                       int8: bool = False) -> None:
     """THE `--precision` flag of the inference commands (eval, predict, export onnx: one value; bench infer:
-    `several`, comma-separated); `help` says what it does in that command."""
-    parser.add_argument("--precision", type=precisions if several else precision, default=["fp32"] if several
-                        else "fp32", metavar="fp32,bf16,fp16" if several else "{fp32,bf16,fp16}",
+    `several`, comma-separated); `help` says what it does in that command; `int8`: int8 is one of the
+    choices (with `--calib`, see `add_calibration_flags`)."""
+    names = _precision_names(int8)
+    parser.add_argument("--precision", type=(lambda text: precisions(text, int8)) if several else
+                        (lambda text: precision(text, int8)), default=["fp32"] if several else "fp32",
+                        metavar=",".join(names) if several else "{" + ",".join(names) + "}",
                         help=f"{help} (default fp32)")
+
+
+def add_calibration_flags(parser: argparse.ArgumentParser, what: str, default_images: int) -> None:
+    """`--calib DIR` and `--calib-images N`: the images INT8 is calibrated on (`what` it is used for)."""
+    parser.add_argument("--calib", help=f"image folder to calibrate {what} on (needed for int8)")
+    parser.add_argument("--calib-images", type=positive_int, default=default_images,
+                        help=f"calibration images for INT8 (default {default_images})")

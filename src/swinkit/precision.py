@@ -104,6 +104,7 @@ def autocast(precision: str | None, device: torch.device | str):
 # weights to keep in fp32, and the ops that need fp32 already take it (`attention_probs` promotes the
 # scores and softmax; LayerNorm kernels accumulate bf16/fp16 input in fp32).
 INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16")  # what `swinkit eval/predict/export/bench infer --precision` take
+INT8 = "int8"  # eval/predict/bench infer also take this: the linears in INT8, calibrated (`infer.int8`)
 _INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_UNITS = frozenset({"avx512_fp16", "amx_fp16"})  # CPU flags with fp16 arithmetic
 

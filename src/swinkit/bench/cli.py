@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli_types import add_precision_flag, non_negative_int, positive_int
+from ..cli_types import add_calibration_flags, add_precision_flag, non_negative_int, positive_int
 
 
 def _int_list(text: str) -> list[int]:
@@ -46,15 +46,15 @@ def register(subparsers) -> None:
                             "(missing ones are skipped with a note)")
     infer.add_argument("--swinkit", default="eager,optimized,onnxruntime,int8",
                        help="swinkit engines to run: eager,optimized,onnxruntime,int8")
-    add_precision_flag(infer, "dtypes of the optimized path, one row each ('swinkit optimized bf16'); the other "
-                       "engines run fp32", several=True)
+    add_precision_flag(infer, "precisions of the optimized path, one row each ('swinkit optimized bf16'; int8: its "
+                       "linears in oneDNN's int8 kernels, needs --calib); the other engines run fp32", several=True,
+                       int8=True)
     infer.add_argument("--threads", type=positive_int, help="intra-op threads for torch and ONNX Runtime")
     infer.add_argument("--img-size", type=positive_int, help="square input size (default: the model's)")
     infer.add_argument("--rounds", type=positive_int, default=5,
                        help="interleaved timed rounds; the median is reported")
     infer.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per engine and batch size")
-    infer.add_argument("--calib", help="image folder to calibrate the INT8 model on (INT8 is skipped without it)")
-    infer.add_argument("--calib-images", type=positive_int, default=64, help="calibration images for INT8")
+    add_calibration_flags(infer, "both INT8 engines (ONNX Runtime's and the PyTorch int8 path; skipped without it)", 64)
     infer.add_argument("--no-peak", action="store_true", help="skip measuring the GEMM peaks")
     infer.add_argument("--json", action="store_true", help="print one JSON object")
     infer.add_argument("--plot", help="write a bar chart of img/s to this .png")

@@ -6,9 +6,11 @@ alike); the reported time is the median over rounds. Engines:
 
     swinkit eager        the SwinTransformer in eval mode
     swinkit optimized    `optimize_for_inference(model)`; with `precisions` also "swinkit optimized bf16"
-                         (and fp16): the same path cast to that dtype, fed the fp32 images (cast inside)
+                         (and fp16): the same path cast to that dtype, fed the fp32 images (cast inside),
+                         and "swinkit optimized int8": its linears in oneDNN's int8 kernels (`infer.int8`),
+                         calibrated on `calib_dir` as the ONNX INT8 file is (skipped without one)
     swinkit onnxruntime  `export_onnx` (dynamic batch/H/W) in ONNX Runtime, all graph optimizations
-    swinkit int8         `quantize` of that file, calibrated on `calib_dir` (skipped without one)
+    swinkit int8         `quantize` of that file (ONNX Runtime), calibrated on `calib_dir` (skipped without one)
     timm eager, timm jit.trace, torchvision, hf, timm onnxruntime   (peers; see `peers.py`)
     timm eager ftz, timm jit.trace ftz   (`timm-ftz`: timm with denormals flushed, as swinkit runs)
 
@@ -35,8 +37,9 @@ from pathlib import Path
 import torch
 
 from .. import api
-from ..infer.fast import optimize_for_inference
-from ..precision import (INFERENCE_PRECISIONS, denormals_flushed, flush_denormals, inference_dtype,
+from ..infer.optimize import optimize_for_inference
+from ..metadata import Preprocess, read_metadata
+from ..precision import (INFERENCE_PRECISIONS, INT8, denormals_flushed, flush_denormals, inference_dtype,
                          slow_precision_note)
 from ..models.swin import flops_per_image
 from . import machine, peers
@@ -46,7 +49,7 @@ log = logging.getLogger("swinkit")
 PEERS = ("timm", "torchvision", "hf", "onnxruntime", "timm-ftz")
 SWINKIT_ENGINES = ("eager", "optimized", "onnxruntime", "int8")
 ENGINE_ORDER = ("swinkit eager", "swinkit optimized", "swinkit optimized bf16", "swinkit optimized fp16",
-                "swinkit onnxruntime", "swinkit int8",
+                "swinkit optimized int8", "swinkit onnxruntime", "swinkit int8",
                 "timm eager", "timm jit.trace", "timm eager ftz", "timm jit.trace ftz", "torchvision", "hf",
                 "timm onnxruntime")
 FLUSHED_PEERS = ("timm eager ftz", "timm jit.trace ftz")  # peers run with denormals flushed, as swinkit runs
@@ -63,6 +66,7 @@ def denormal_mode(label: str) -> str:
 
 
 BASELINES = ("timm jit.trace", "timm eager", "swinkit eager")
+INT8_ENGINES = ("swinkit int8", "swinkit optimized int8")  # rows measured against the int8 GEMM peak
 
 
 def optimized_label(precision: str) -> str:
@@ -72,9 +76,11 @@ def optimized_label(precision: str) -> str:
 
 # The comparisons the README's targets are stated in: (engine, against, what it says), img/s over img/s.
 RATIOS = (("swinkit int8", "swinkit onnxruntime", "INT8 vs our FP32 in ONNX Runtime"),
+          ("swinkit optimized int8", "swinkit onnxruntime", "PyTorch INT8 vs our FP32 in ONNX Runtime"),
           ("swinkit onnxruntime", "timm onnxruntime", "our ONNX vs timm's export, both in ONNX Runtime"),
           ("swinkit optimized", "timm jit.trace", "optimized vs timm jit.trace"),
-          *((optimized_label(p), "swinkit optimized", f"{optimized_label(p)} vs fp32") for p in INFERENCE_PRECISIONS[1:]))
+          *((optimized_label(p), "swinkit optimized", f"{optimized_label(p)} vs fp32")
+            for p in (*INFERENCE_PRECISIONS[1:], INT8)))
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -97,16 +103,24 @@ def _timed(fn: Callable) -> float:
 
 def _engines(model, name: str | None, example: torch.Tensor, ours: Sequence[str], compare: Sequence[str],
              workdir: Path, threads: int | None, calib_dir: str | None, calib_images: int, skipped: list[dict],
-             precisions: Sequence[str] = ("fp32",)) -> dict[str, Callable]:
+             precisions: Sequence[str] = ("fp32",), metadata: dict | None = None) -> dict[str, Callable]:
     """Every engine that can run here, as `images -> logits`; the rest go to `skipped` with a reason."""
     from ..infer.export import export_onnx
     engines: dict[str, Callable] = {}
     if "eager" in ours:
         engines["swinkit eager"] = model
+    config = model.config
     if "optimized" in ours:
         for precision in precisions:
-            engines[optimized_label(precision)] = optimize_for_inference(model, dtype=precision)
-    config = model.config
+            if precision != INT8:
+                engines[optimized_label(precision)] = optimize_for_inference(model, dtype=precision)
+            elif calib_dir is None:
+                skipped.append({"engine": optimized_label(INT8), "reason": "needs calibration images: pass --calib DIR"})
+            else:
+                from ..infer.quantize import calibration_images
+                preprocess = Preprocess.from_metadata(metadata or {}, config)
+                engines[optimized_label(INT8)] = optimize_for_inference(
+                    model, dtype=INT8, calibration=calibration_images(preprocess, calib_dir, calib_images))
 
     def attempt(label: str, build: Callable[[], Callable]) -> None:
         try:
@@ -162,7 +176,8 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
     """Run the inference benchmark; returns {"header": ..., "rows": [...], "skipped": [...]}.
 
     `swinkit` picks our engines (eager, optimized, onnxruntime, int8), `compare` the peers;
-    `precisions` (fp32, bf16, fp16) the dtypes of the optimized path, one row each (`optimized_label`).
+    `precisions` (fp32, bf16, fp16, int8) the precisions of the optimized path, one row each (`optimized_label`;
+    int8 needs `calib_dir`, as the ONNX INT8 engine does).
     Each row: batch, engine, ms (median per batch), img_s, speedup (vs `baseline`), baseline, and
     dtype, gflops, peak_gflops, pct_peak (`machine.peak_fields`; the header's "gemm_peaks" holds the
     measurement per batch size). Peers in `compare` that cannot run are listed in "skipped" with the reason.
@@ -181,7 +196,7 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
     if rounds < 1 or warmup < 0:
         raise ValueError("rounds must be >= 1 and warmup >= 0")
     precisions = list(dict.fromkeys(precisions))
-    dtypes = [inference_dtype(precision) for precision in precisions]  # PrecisionError for unknown names
+    dtypes = [inference_dtype(p) for p in precisions if p != INT8]  # PrecisionError for unknown names
     if threads:
         torch.set_num_threads(threads)
     model = api.create_model(model_name, pretrained=weights).eval()
@@ -209,7 +224,8 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
     with tempfile.TemporaryDirectory(prefix="swinkit-bench-") as scratch:
         example = torch.randn(max(batch_sizes), model.config.in_chans, *img_size, generator=generator)
         engines = _engines(model, model.name or model_name, example[:1], ours, compare, Path(scratch), threads,
-                           None if calib_dir is None else str(calib_dir), calib_images, skipped, precisions)
+                           None if calib_dir is None else str(calib_dir), calib_images, skipped, precisions,
+                           read_metadata(Path(weights)) if weights else {})
         for batch in batch_sizes:
             images = example[:batch].contiguous()
             peaks = None
@@ -261,7 +277,7 @@ def _rows(times: dict[str, list[float]], batch: int, flops: int, peaks: dict | N
                "speedup": round(medians[baseline] / seconds, 2) if baseline else None, "baseline": baseline,
                "denormals": denormal_mode(label),
                **machine.peak_fields(flops * batch / seconds / 1e9, machine.row_dtype(
-                   amp=label == optimized_label("bf16"), int8=label == "swinkit int8"), peaks)}  # fp16: fp32's
+                   amp=label == optimized_label("bf16"), int8=label in INT8_ENGINES), peaks)}  # fp16: fp32's
         rows.append(row)
     return rows
 

@@ -97,7 +97,7 @@ def torch_models(args):
     """(model, validator) for a torch backend, from the native weights file: the model to train and
     `validator()`, called after each epoch's training, returning `images [B, C, H, W] -> logits`."""
     import swinkit
-    from ..infer.fast import optimize_for_inference
+    from ..infer.optimize import optimize_for_inference
     from ..train import lean
     model = swinkit.create_model(args.model, pretrained=args.weights)
     if args.backend == "swinkit-torch":
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = limit_threads(args.threads)
     if args.backend != "swinkit-jax":
-        from ..train.lean.allocator import enable_huge_pages
+        from ..allocator import enable_huge_pages
         enable_huge_pages()  # as `swinkit train` does: before the first large tensor
     torch.manual_seed(args.seed)
     recipe = json.loads(args.recipe)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..precision import amp_dtype, denormals_flushed, flush_denormals
 from ..sysinfo import peak_rss, process_rss
 from ..train import lean
-from ..train.lean.allocator import enable_huge_pages, returning_freed_memory
+from ..allocator import enable_huge_pages, returning_freed_memory
 
 OVER_BUDGET_EXIT = 75
 SETTINGS = ("none", "amp", "recompute", "recompute+amp")

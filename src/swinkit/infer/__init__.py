@@ -1,5 +1,5 @@
 """Inference: evaluate and predict from a weights file or an `.onnx` file; the frozen fast
-path (`fast.optimize_for_inference`), ONNX export (`export.py`), ONNX Runtime
+path (`optimize.optimize_for_inference`, `fast.FastSwin`, `int8.py`), ONNX export (`export.py`), ONNX Runtime
 (`onnx_runner.py`) and INT8 post-training quantization with calibration (`quantize.py`).
 
 Every entry point goes `load_runner(weights)` -> batches through the runner, so another

@@ -7,8 +7,9 @@ import sys
 
 import torch
 
-from ..cli_types import add_precision_flag, device, fraction, non_negative_int, positive_int
+from ..cli_types import add_calibration_flags, add_precision_flag, device, fraction, non_negative_int, positive_int
 from ..data.transforms import OFFICIAL_CROP_PCT, OFFICIAL_INTERPOLATION
+from ..precision import PrecisionError
 from .evaluate import evaluate
 from .predict import predict
 
@@ -34,7 +35,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("torch", "jax"), default="torch",
                         help="torch (default), or jax: the Flax port of the same model (needs swinkit[jax])")
     add_precision_flag(parser, "dtype the model runs in (images cast to it, logits fp32); bf16 is fast on CPUs "
-                       "with BF16 units and on GPUs, fp16 is for GPUs (jax: fp32 or bf16 matmuls)")
+                       "with BF16 units and on GPUs, fp16 is for GPUs (jax: fp32 or bf16 matmuls); int8 (CPU): "
+                       "the linears in oneDNN's int8 kernels, calibrated on --calib", int8=True)
+    add_calibration_flags(parser, "--precision int8", 256)
     group = parser.add_argument_group("preprocessing (default: what the checkpoint was trained with)")
     group.add_argument("--img-size", type=_size, help="input size, 224 or HxW")
     group.add_argument("--crop-pct", type=fraction,
@@ -51,6 +54,8 @@ def _weights(args):
     """The weights file, or with --backend jax a runner of the Flax model loaded from it."""
     if args.backend == "jax":
         from ..jax.runner import load_jax_runner
+        if args.precision == "int8" or args.calib:
+            raise PrecisionError("--backend jax runs fp32 or bf16; int8 (and --calib) is for the torch backend")
         return load_jax_runner(args.weights, model_name=args.model, precision=args.precision)
     return args.weights
 
@@ -63,7 +68,7 @@ def _cmd_eval(args) -> int:
     _apply_threads(args)
     result = evaluate(_weights(args), args.data, model_name=args.model, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, preprocess=_preprocess_overrides(args),
-                      precision=args.precision)
+                      precision=args.precision, calib=args.calib, calib_images=args.calib_images)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -86,7 +91,8 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     _apply_threads(args)
     results = predict(_weights(args), args.images, model_name=args.model, topk=args.topk, device=args.device,
-                      batch_size=args.batch_size, preprocess=_preprocess_overrides(args), precision=args.precision)
+                      batch_size=args.batch_size, preprocess=_preprocess_overrides(args), precision=args.precision,
+                      calib=args.calib, calib_images=args.calib_images)
     failed = [entry for entry in results if "error" in entry]
     if args.json:
         print(json.dumps({"weights": args.weights, "precision": args.precision, "results": results}))

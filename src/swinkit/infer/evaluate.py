@@ -73,11 +73,13 @@ def class_mapping(folder_classes: list[str], runner: Runner, folder: Path) -> li
 
 def evaluate(weights: str | Path | Runner, data: str | Path, *, model_name: str | None = None, batch_size: int = 64,
              workers: int = 2, device: str | torch.device | None = None,
-             preprocess: Preprocess | Mapping[str, Any] | None = None, precision: str = "fp32") -> dict:
+             preprocess: Preprocess | Mapping[str, Any] | None = None, precision: str = "fp32",
+             calib: str | Path | None = None, calib_images: int = 256) -> dict:
     """Accuracy of `weights` on `data` (a dataset root, whose `val` split is used, or a class folder).
 
     `weights` is a checkpoint file (see `load_runner`; `precision` fp32 / bf16 / fp16 is the dtype its
-    model runs in) or a ready runner. `preprocess` replaces
+    model runs in, int8 its linears in INT8 calibrated on `calib_images` images of the folder `calib`) or a
+    ready runner. `preprocess` replaces
     the checkpoint's preprocessing, or changes some of its fields ({"img_size": 256, "crop_pct": 1.0}).
     Returns {"weights", "precision", "data", "images", "top1", "top5", "top5_k", "loss", "per_class",
     "per_class_images", "failed", "seconds"}: accuracies in percent; "top5" is top-k with
@@ -87,7 +89,9 @@ def evaluate(weights: str | Path | Runner, data: str | Path, *, model_name: str 
     folder = resolve_split(data, "val")
     dataset = ImageFolderDataset(folder)  # validates: class folders exist, none empty
     runner = weights if not isinstance(weights, (str, Path)) else load_runner(weights, model_name=model_name,
-                                                                              device=device, precision=precision)
+                                                                              device=device, precision=precision,
+                                                                              calib=calib, calib_images=calib_images,
+                                                                              preprocess=preprocess)
     runner = with_preprocess(runner, preprocess)
     mapping = torch.tensor(class_mapping(dataset.classes, runner, folder))
     num_outputs = len(runner.classes)

@@ -1,4 +1,4 @@
-"""Frozen fast inference path: `optimize_for_inference(model)` -> `FastSwin` (eval only).
+"""Frozen fast inference path: `FastSwin` (eval only), built by `infer.optimize.optimize_for_inference`.
 
 The fast model runs the same block definition as the eval model (`models.swin.SwinBlock.forward_tokens`,
 `models.attention.window_attention`); what changes is how (outputs agree within 1e-4 in fp32):
@@ -34,52 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import onednn
+from ..allocator import ensure_freed_memory_kept
 from ..models.attention import WindowAttention, long_scalar, window_layout
 from ..models.layers import MERGE_OFFSETS, Mlp, tracing
 from ..models.registry import shift_size
 from ..models.swin import SwinTransformer
 from ..policy import specialise
-from ..precision import ensure_denormals_flushed, inference_dtype, slow_precision_note
+from ..precision import ensure_denormals_flushed
 
-__all__ = ["FastSwin", "optimize_for_inference"]
+__all__ = ["FastSwin"]
 
 log = logging.getLogger("swinkit")
-
-
-def optimize_for_inference(model: SwinTransformer, *, dtype: torch.dtype | str | None = None,
-                           use_onednn: bool | None = None, compile: bool = False) -> nn.Module:
-    """A frozen, eval-only copy of `model` that computes the same logits faster (see module docstring).
-
-    `model` is not modified. `dtype` casts the copy: None/fp32, or "bf16"/"fp16" (names or torch dtypes,
-    `precision.inference_dtype`) on CPU and CUDA. bf16 on a CPU with BF16 units (AVX512-BF16, AMX) runs
-    oneDNN's bf16 kernels: Swin-T measured 1.8-2.2x the fp32 path's img/s at batch 1 and 2.5-3.2x at
-    batch 8 on an AMX Xeon (README). fp16 is for CUDA and runs on a CPU too (PyTorch's fp16 kernels;
-    fast only with AVX512-FP16/AMX-FP16). Without the units either still runs, slowly, and a warning
-    says so (`precision.slow_precision_note`). Softmax is computed in fp32 (`attention_probs` promotes
-    the scores) and LayerNorm accumulates in fp32 (torch's kernels do for bf16/fp16 input); measured,
-    neither more fp32 (scores matmul, constants, LayerNorm) nor a bf16 softmax changed top-1 agreement
-    or logit error measurably: the error comes from the bf16 weights and activations. bf16 logits
-    differ from fp32 by 1-3% of the largest logit (Fashion-MNIST recipe model: top-1 89.55 vs 89.59%,
-    agreement 99.91%), fp16 by ~0.1-0.3%. The copy takes images of any float dtype (cast to its own)
-    and returns fp32 logits.
-    `use_onednn`: None = `onednn.linear` on CPU when oneDNN is available (it picks oneDNN or MKL per shape).
-    On CPU the first forward flushes denormals to zero process-wide (`precision.flush_denormals`). `compile=True` wraps the
-    result in `torch.compile` (static shapes: one compilation per input size). Measured on
-    an AVX-512 AMD CPU it is ~1.8x *slower* than the uncompiled fast path: inductor lowers the
-    linears to the default BLAS instead of oneDNN; it is there for CUDA.
-    Input `[B, in_chans, H, W]` of any size -> logits `[B, num_classes]`.
-    """
-    dtype = inference_dtype(dtype)
-    fast = FastSwin(model, use_onednn=use_onednn)
-    if dtype != torch.float32:
-        fast = fast.to(dtype)
-        note = slow_precision_note(dtype, next(model.parameters()).device)
-        if note:
-            log.warning("%s", note)
-    if compile:
-        # Inductor's SDPA pattern rewrite assumes 4-D attention and fails on [B, windows, heads, N, N].
-        return torch.compile(fast, dynamic=False, options={"pattern_matcher": False})
-    return fast
 
 
 # ------------------------------------------------------------------------------------------ index maps
@@ -123,12 +88,18 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use
 
 class FastLinear:
     """`nn.Linear` for inference: oneDNN where `onednn.uses_onednn` allows it (and the owner allows
-    oneDNN), else `F.linear` on 2-D tokens; `gelu=True` fuses the activation."""
+    oneDNN), else `F.linear` on 2-D tokens; `gelu=True` fuses the activation. `dense` is the one
+    place the layer computes (`infer.int8` replaces it with oneDNN's int8 kernels)."""
 
     use_onednn = True
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        out = _dense(x, self.weight, self.bias, self.use_onednn, gelu)
+        return self.dense(x, self.bias, gelu)
+
+    def dense(self, x: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+        """`x @ weight.T + bias` (then GELU when asked) with this layer's weight and the given bias
+        (the frozen attention passes its folded q/k/v bias)."""
+        out = _dense(x, self.weight, bias, self.use_onednn, gelu)
         if gelu and self.use_onednn:
             return out
         if gelu and torch.onnx.is_in_onnx_export():
@@ -180,10 +151,10 @@ class FrozenWindowAttention:
     split_qkv = False  # three projections (ONNX export: three Gemms whose weights INT8 finds, no Split)
 
     def project_qkv(self, x):
-        weight, bias, use_onednn = self.qkv.weight, self.frozen_qkv_bias, self.qkv.use_onednn
+        qkv, bias = self.qkv, self.frozen_qkv_bias
         if self.split_qkv:
-            return tuple(_dense(x, w, b, use_onednn) for w, b in zip(weight.chunk(3), bias.chunk(3)))
-        return _dense(x, weight, bias, use_onednn).chunk(3, dim=-1)
+            return tuple(_dense(x, w, b, qkv.use_onednn) for w, b in zip(qkv.weight.chunk(3), bias.chunk(3)))
+        return qkv.dense(x, bias).chunk(3, dim=-1)
 
     def temperature(self):
         return 1.0 if not self.cosine else self.frozen_temperature
@@ -322,6 +293,7 @@ class FastSwin(nn.Module):
         model = self.model
         if images.device.type == "cpu" and not tracing():
             ensure_denormals_flushed()  # the shift mask's softmax weights: ~1e-44, slow unless flushed
+            ensure_freed_memory_kept()  # large activations reuse mapped memory (no fresh zeroed pages)
         x = model.patch_embed(images.to(model.patch_embed.proj.weight.dtype))  # [B, H/p, W/p, C]
         batch, height, width, dim = x.shape
         if self.symbolic_sizes:

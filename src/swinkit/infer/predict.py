@@ -23,21 +23,24 @@ def _describe_error(error: BaseException) -> str:
 
 def predict(weights: str | Path | Runner, images: Iterable[str | Path], *, model_name: str | None = None,
             topk: int = 5, device: str | torch.device | None = None, batch_size: int = 32,
-            preprocess: Preprocess | Mapping[str, Any] | None = None, precision: str = "fp32") -> list[dict]:
+            preprocess: Preprocess | Mapping[str, Any] | None = None, precision: str = "fp32",
+            calib: str | Path | None = None, calib_images: int = 256) -> list[dict]:
     """One entry per image, in input order:
 
         {"image": path, "predictions": [{"class": name, "index": i, "prob": p}, ...]}  (most likely first)
         {"image": path, "error": "why it could not be read"}
 
     `topk` is capped at the number of classes. Class names come from the checkpoint's metadata
-    (index strings without it). `weights`, `preprocess` and `precision` are as for `evaluate`.
+    (index strings without it). `weights`, `preprocess`, `precision` and `calib` are as for `evaluate`.
     """
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     runner = weights if not isinstance(weights, (str, Path)) else load_runner(weights, model_name=model_name,
-                                                                              device=device, precision=precision)
+                                                                              device=device, precision=precision,
+                                                                              calib=calib, calib_images=calib_images,
+                                                                              preprocess=preprocess)
     runner = with_preprocess(runner, preprocess)
     transform = runner.preprocess.transform()
     k = min(topk, len(runner.classes))

@@ -35,7 +35,7 @@ import torch
 
 from ..data import ImageFolderDataset
 from ..files import atomic_write
-from ..metadata import META_QUANTIZATION
+from ..metadata import META_QUANTIZATION, Preprocess
 from ..metrics import percent, topk_hits
 from ..models.swin import SwinTransformer
 from ..precision import PrecisionError, cpu_flags
@@ -68,20 +68,24 @@ def cpu_scheme() -> str:
     return "vnni" if cpu_has_vnni() else "avx2"
 
 
-def calibration_batches(runner: OnnxRunner, calib_dir: str | os.PathLike, images: int, batch_size: int = 8,
-                        seed: int = 0) -> list[np.ndarray]:
-    """`images` images from an image folder (an even random sample, fixed seed), preprocessed
-    as the model expects, in `[B, C, H, W]` float32 batches."""
-    dataset = ImageFolderDataset(calib_dir, transform=runner.preprocess.transform(),
-                                 in_chans=runner.preprocess.in_chans)
+def calibration_images(preprocess: Preprocess, calib_dir: str | os.PathLike, images: int, batch_size: int = 8,
+                       seed: int = 0) -> list[torch.Tensor]:
+    """`images` images from an image folder (an even random sample, fixed seed), preprocessed as at
+    eval time (`preprocess`), in `[B, C, H, W]` float32 batches. Both INT8 paths calibrate on these."""
+    if images < 1:
+        raise ValueError(f"calibration images must be >= 1, got {images}")
+    dataset = ImageFolderDataset(calib_dir, transform=preprocess.transform(), in_chans=preprocess.in_chans)
     indices = list(range(len(dataset)))
     random.Random(seed).shuffle(indices)
     indices = indices[:images]
-    batches = []
-    for start in range(0, len(indices), batch_size):
-        batch = torch.stack([dataset[i][0] for i in indices[start:start + batch_size]])
-        batches.append(batch.numpy())
-    return batches
+    return [torch.stack([dataset[i][0] for i in indices[start:start + batch_size]])
+            for start in range(0, len(indices), batch_size)]
+
+
+def calibration_batches(runner: OnnxRunner, calib_dir: str | os.PathLike, images: int, batch_size: int = 8,
+                        seed: int = 0) -> list[np.ndarray]:
+    """`calibration_images` for an ONNX graph's preprocessing, as numpy batches."""
+    return [batch.numpy() for batch in calibration_images(runner.preprocess, calib_dir, images, batch_size, seed)]
 
 
 def _reader(name: str, batches: list[np.ndarray]):
@@ -204,13 +208,14 @@ def quantize(weights_or_onnx: SwinTransformer | str | os.PathLike, calib_dir: st
     return out
 
 
-def compare_accuracy(fp32: str | os.PathLike | OnnxRunner, int8: str | os.PathLike | OnnxRunner,
-                     data_dir: str | os.PathLike, *, images: int | None = None, batch_size: int = 16,
+def compare_accuracy(fp32, int8, data_dir: str | os.PathLike, *, images: int | None = None, batch_size: int = 16,
                      seed: int = 0) -> dict:
     """FasterTransformer's PTQ table for one pair of models on an image folder: top-1/top-5 of
     each, the INT8 loss in points, how often their top-1 classes agree, and how close the logits
-    are (largest and mean absolute difference, mean cosine similarity per image)."""
-    runners = [r if isinstance(r, OnnxRunner) else OnnxRunner(r) for r in (fp32, int8)]
+    are (largest and mean absolute difference, mean cosine similarity per image). `fp32` and `int8`
+    are `.onnx` files or runners (`infer.runner.load_runner`: the PyTorch INT8 path); the images are
+    prepared with `fp32`'s preprocessing."""
+    runners = [OnnxRunner(r) if isinstance(r, (str, os.PathLike)) else r for r in (fp32, int8)]
     dataset = ImageFolderDataset(data_dir, transform=runners[0].preprocess.transform(),
                                  in_chans=runners[0].preprocess.in_chans)
     indices = list(range(len(dataset)))

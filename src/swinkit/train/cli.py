@@ -37,7 +37,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args) -> int:
     from . import distributed
-    from .lean.allocator import enable_huge_pages
+    from ..allocator import enable_huge_pages
     from .trainer import train
 
     enable_huge_pages()  # a process setting of training's own, made before the first tensor exists

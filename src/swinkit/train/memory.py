@@ -309,7 +309,7 @@ class Plan:
     budget_bytes: int = 0
     extra_flops_fraction: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
-    return_freed_memory: bool = True   # `budget_binds`: train inside `lean.allocator.returning_freed_memory`
+    return_freed_memory: bool = True   # `budget_binds`: train inside `allocator.returning_freed_memory`
 
 
 def expected_peak(profile: Profile, fixed: int, batch_size: int, modes: list[str],
@@ -424,7 +424,7 @@ def apply_memory_budget(model, batch_size: int, budget: int | str, *, img_size=N
     Call it after building the model and moving it to its device, before creating the optimizer
     (the plan counts the optimizer state the trainer is about to allocate) and before DDP/compile
     wrapping. The estimate was tuned with freed memory returned to the OS: on CPU, train inside
-    `train.lean.allocator.returning_freed_memory()` where `plan.return_freed_memory` (the budget binds;
+    `allocator.returning_freed_memory()` where `plan.return_freed_memory` (the budget binds;
     the logged summary says which). Raises ValueError (with the batch that would fit) when nothing fits."""
     plan = plan_for_budget(model, batch_size, budget, img_size, in_chans=in_chans, precision=precision,
                            optimizer=optimizer, ema=ema)

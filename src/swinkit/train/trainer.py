@@ -41,7 +41,7 @@ from .checkpoint import (LAST, PREVIOUS, ModelEma, capture_rng, check_state_fits
 from .config import ConfigError, ModelSection, TrainConfig, save_config
 from .data import UnreadableImages, build_training_data, open_image_folders
 from .objectives import build_objective
-from .lean.allocator import returning_freed_memory
+from ..allocator import returning_freed_memory
 from .logs import MetricsLog, TensorBoard, plot_curves, progress_bar
 from .optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
 from .signals import StopSignals
@@ -197,7 +197,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train to `total_steps`. Under a memory budget that binds (`train.memory.budget_binds`), on CPU,
-        freed memory goes back to the OS while training runs (`train.lean.allocator`). On CPU, denormals are
+        freed memory goes back to the OS while training runs (`swinkit.allocator`). On CPU, denormals are
         flushed to zero (`precision.flush_denormals`: the shift mask's softmax weights, ~1e-44, are slow otherwise)."""
         if self.device.type == "cpu":
             ensure_denormals_flushed()

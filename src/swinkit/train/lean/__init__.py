@@ -20,7 +20,7 @@ keeps for backward and which kernels run, by specialising the model's modules in
 - the patch embedding keeps only the image; v1 patch merging keeps only the 2x2 gather.
 
 Gradients equal autograd of the plain definition (tests: float64 within 1e-12, fp32 within 1e-6).
-`allocator.py` holds the process-level memory settings a training entry point may choose.
+The process-level memory settings a training entry point may choose are in `swinkit.allocator`.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocator import reuse_freed_memory
+from ...allocator import reuse_freed_memory
 
 # A slice holds about this many block-input elements (tokens x channels): ~4 MB of fp32 per tensor
 # of the block's width; recomputing it materialises ~20 such tensors (qkv, fc1's 4C output, grads).
