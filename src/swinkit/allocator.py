@@ -42,7 +42,7 @@ _LOOP_THRESHOLD = 64 << 20
 _DEFAULT_TRIM = 128 << 10  # glibc's default trim threshold
 _DEFAULT_MMAP = 128 << 10  # glibc's default (initial) mmap threshold
 _DEFAULT_MMAP_MAX = 65536  # glibc's default number of mappings it may use for large allocations
-_KEEP_TRIM = 1 << 62      # "never trim the heap top"
+_KEEP_TRIM = (1 << 31) - 1  # mallopt takes a C int: "trim the heap top only above 2 GB"
 
 _libc = None
 _threshold: int | None = None  # set inside returning_freed_memory

@@ -170,9 +170,16 @@ def _engines(dtype: str, shape: GemmShape, operands: tuple[torch.Tensor, ...]) -
         weight = operands[1][:k * n].view(k, n)
         engines: dict[str, Callable[[], object]] = {"torch._int_mm": lambda: torch._int_mm(x, weight)}
         session = _onnxruntime_int8(k, n, weight)
+        x_u8 = operands[2][:rows * k].view(rows, k)
         if session is not None:
-            feed = {"x": operands[2][:rows * k].view(rows, k).numpy()}
+            feed = {"x": x_u8.numpy()}
             engines["onnxruntime MatMulInteger"] = lambda: session.run(None, feed)
+        from ..infer.int8 import available
+        if available():  # oneDNN's int8 linear as `infer.int8.Int8Linear` calls it (fp32 output)
+            packed = torch.ops.onednn.qlinear_prepack(operands[1][:n * k].view(n, k), None)
+            scales, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+            engines["onednn qlinear"] = lambda: torch.ops.onednn.qlinear_pointwise(
+                x_u8, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], "")
         return engines
     weight = operands[1][:n * k].view(n, k)  # nn.Linear's [out, in]
     weight_t = weight.t().contiguous()
@@ -187,7 +194,8 @@ def measure_peaks(shapes: Sequence[GemmShape], dtypes: Sequence[str] = PEAK_DTYP
     """THE machine peak of the benchmarks: GFLOP/s of the model's own GEMMs (`linear_shapes`) per dtype, on
     the CPU with torch's current threads. Every shape runs on every engine (fp32 and bf16: `torch.mm`, i.e.
     MKL, and oneDNN's inner product as `swinkit.onednn` calls it; int8, u8/s8 with int32 accumulation:
-    `torch._int_mm` and ONNX Runtime's MatMulInteger where installed), best of `repeats` calls after a
+    `torch._int_mm`, oneDNN's int8 linear as `infer.int8` calls it (fp32 output) and ONNX Runtime's
+    MatMulInteger where installed), best of `repeats` calls after a
     warm-up (fewer once `max_seconds` are spent: large shapes vary little); a shape's rate is its fastest
     engine's. The dtype's peak weights the shapes by their FLOPs: the model's GEMM
     FLOPs over the time they take at those rates. Returns
