@@ -4,6 +4,7 @@ commands that run it, and clear errors."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -199,3 +200,32 @@ def test_bench_infer_int8_row_and_ratios(dataset_root, capsys):
     assert list(rows) == ["swinkit optimized", "swinkit optimized int8"]
     assert rows["swinkit optimized int8"]["dtype"] == "int8"
     assert [item["label"] for item in result["ratios"]] == ["swinkit optimized int8 vs fp32"]
+
+
+def test_without_vnni_weights_get_7_bits_and_nothing_saturates():
+    """oneDNN limited to AVX2 (as on a CPU without VNNI): the probe finds u8 x s8 saturating, the policy
+    quantizes weights to 7 bits, and the products are exact again (8-bit weights would be off by ~27%)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import torch
+        from swinkit.infer.fast import FastSwin
+        from swinkit.infer.int8 import Int8Linear, int16_saturation, quantize_linears
+        from test_fast_export import _nontrivial
+        torch.set_num_threads(1)
+        model = _nontrivial("swin_nano_patch2_window4_32")
+        calibration = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+        fast = quantize_linears(FastSwin(model), calibration)
+        layers = [m for m in fast.modules() if isinstance(m, Int8Linear)]
+        seven_bits = all(torch.allclose(m.weight_scale, m.weight.abs().amax(1) / 63) for m in layers)
+        with torch.inference_mode():
+            images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+            expected, got = FastSwin(model)(images), fast(images)
+        print(int16_saturation(), seven_bits, float((got - expected).abs().max() / expected.abs().max()) < 0.08)
+    """)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"]

@@ -7,8 +7,8 @@ applied to the model: the block definition is untouched, each linear layer's `Fa
 is replaced by `Int8Linear.dense`. What runs in INT8 and what stays float:
 
 * Every linear of the blocks and patch merging (qkv, proj, fc1, fc2, reduction): weights int8 per
-  output channel, symmetric (scale max|w| / 127; 7-bit, max|w| / 63, where the CPU has no VNNI,
-  so the u8 x s8 kernels cannot saturate); activations uint8 per tensor, asymmetric, over the
+  output channel, symmetric (scale max|w| / 127; 7-bit, max|w| / 63, where oneDNN's u8 x s8 kernels
+  would saturate: no VNNI, probed by `int16_saturation`); activations uint8 per tensor, asymmetric, over the
   min/max the layer's input reached on the calibration images (ONNX Runtime's "minmax").
   oneDNN chooses the instructions: AMX-INT8, AVX512-VNNI / AVX-VNNI, or AVX2.
 * fc1 hands fc2 uint8 directly (GELU fused, requantized to the range fc2 was calibrated on):
@@ -21,6 +21,7 @@ Fashion-MNIST recipe model loses 0.0x points top-1 (see README for the table).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Iterable
@@ -31,7 +32,7 @@ from ..policy import specialise
 from ..precision import PrecisionError
 from .fast import FastLinear, FastMlp, FastSwin
 
-__all__ = ["Int8Linear", "activation_qparams", "is_int8", "quantize_linears", "quantize_uint8"]
+__all__ = ["Int8Linear", "activation_qparams", "int16_saturation", "is_int8", "quantize_linears", "quantize_uint8"]
 
 log = logging.getLogger("swinkit")
 
@@ -39,6 +40,20 @@ log = logging.getLogger("swinkit")
 def available() -> bool:
     """Whether this PyTorch build has oneDNN's int8 linear (CPU)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+@functools.lru_cache(maxsize=1)
+def int16_saturation() -> bool:
+    """Whether oneDNN's u8 x s8 kernels saturate here: without VNNI (AVX2, AVX-512 without VNNI, or
+    `ONEDNN_MAX_CPU_ISA` set below it) a pair of u8 x s8 products is summed in int16 first, and
+    255 * 127 * 2 overflows it. Measured once with a probe product whose exact value is known;
+    where it saturates, weights get 7 bits (255 * 63 * 2 fits)."""
+    inputs = torch.full((4, 64), 255, dtype=torch.uint8)
+    weight = torch.full((8, 64), 127, dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(weight, None)
+    out = torch.ops.onednn.qlinear_pointwise(inputs, 1.0, 0, packed, torch.ones(8), torch.zeros(8, dtype=torch.long),
+                                             None, 1.0, 0, torch.float32, "none", [], "")
+    return not bool((out == 255 * 127 * 64).all())
 
 
 def activation_qparams(low: float, high: float) -> tuple[float, int]:
@@ -112,10 +127,9 @@ def quantize_linears(fast: FastSwin, calibration: Iterable[torch.Tensor], *,
     """Turn `fast`'s linears into `Int8Linear`s (in place; returns `fast`), calibrated on `calibration`:
     batches of images `[B, in_chans, H, W]` preprocessed as at eval time (e.g. `quantize.calibration_images`).
     The classifier head and layers the forward never calls (v2's CPB MLP, folded at freeze) stay float.
-    `reduce_range`: 7-bit weights; default where the CPU has no VNNI (`quantize.cpu_has_vnni`).
+    `reduce_range`: 7-bit weights; default where oneDNN's int8 kernels saturate (`int16_saturation`: no VNNI).
     Raises `PrecisionError` where oneDNN's int8 kernels are missing or `fast` is not on the CPU,
     ValueError for an empty `calibration`."""
-    from .quantize import cpu_has_vnni
     if not available():
         raise PrecisionError("INT8 inference needs PyTorch's oneDNN int8 kernels (torch.ops.onednn.qlinear_pointwise),"
                              " which this build lacks; use `swinkit quantize` (ONNX Runtime)")
@@ -123,7 +137,7 @@ def quantize_linears(fast: FastSwin, calibration: Iterable[torch.Tensor], *,
     if device.type != "cpu":
         raise PrecisionError(f"INT8 inference runs on CPU (oneDNN's int8 kernels); the model is on {device}")
     if reduce_range is None:
-        reduce_range = not cpu_has_vnni()
+        reduce_range = int16_saturation()
     head = fast.model.head.fc
     layers = [m for m in fast.model.modules() if isinstance(m, FastLinear) and m is not head]
     for layer in layers:
