@@ -1,6 +1,7 @@
 """Where the time of swinkit's PyTorch paths goes: torch.profiler over a few calls, ops summed by kind.
 
     python scripts/torch_profile.py infer --model swin_tiny_patch4_window7_224 --batch 8 [--precision bf16]
+    python scripts/torch_profile.py infer --batch 8 --precision int8 --calib data/fashion-mnist/train
     python scripts/torch_profile.py train --model swin_tiny_patch4_window7_224 --batch 16 [--precision bf16] [--lean]
 
 infer: the optimized path (`optimize_for_inference`); train: forward + backward + AdamW step of the
@@ -22,6 +23,7 @@ from swinkit.precision import autocast_dtype, flush_denormals, inference_dtype
 
 KINDS = (  # first match wins: (kind, substrings of the op name)
     ("linear GEMM", ("addmm", "aten::mm", "_linear_pointwise", "mkldnn_linear", "convolution_backward", "linear")),
+    ("int8 quantize", ("quantize_per_tensor",)),
     ("attention bmm", ("bmm", "matmul", "baddbmm")),
     ("softmax", ("softmax",)),
     ("layer norm", ("layer_norm",)),
@@ -44,7 +46,8 @@ def main() -> None:
     parser.add_argument("mode", choices=("infer", "train"))
     parser.add_argument("--model", default="swin_tiny_patch4_window7_224")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--precision", default="fp32", help="infer: fp32|bf16|fp16; train: fp32|bf16-mixed")
+    parser.add_argument("--precision", default="fp32", help="infer: fp32|bf16|fp16|int8; train: fp32|bf16-mixed")
+    parser.add_argument("--calib", help="infer int8: image folder to calibrate on (64 images)")
     parser.add_argument("--lean", action="store_true", help="train with the lean policy (swinkit.train.lean)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=3)
@@ -59,7 +62,15 @@ def main() -> None:
     images = torch.randn(args.batch, model.config.in_chans, *((size, size) if isinstance(size, int) else size))
     flop = flops_per_image(model, training=args.mode == "train")
     if args.mode == "infer":
-        fast = swinkit.optimize_for_inference(model, dtype=inference_dtype(args.precision))
+        if args.precision == "int8":
+            if not args.calib:
+                parser.error("--precision int8 needs --calib DIR")
+            from swinkit.infer.quantize import calibration_images
+            from swinkit.metadata import Preprocess
+            fast = swinkit.optimize_for_inference(model, dtype="int8", calibration=calibration_images(
+                Preprocess.from_metadata({}, model.config), args.calib, 64))
+        else:
+            fast = swinkit.optimize_for_inference(model, dtype=inference_dtype(args.precision))
 
         def call():
             with torch.inference_mode():
