@@ -18,7 +18,7 @@ from swinkit.infer.int8 import (Int8Linear, activation_qparams, available, is_in
 from swinkit.infer.optimize import optimize_for_inference
 from swinkit.policy import specialise
 from swinkit.precision import PrecisionError
-from test_eval_predict import CLASSES, IMAGES_PER_CLASS, dataset_root, model, one_thread, weights  # noqa: F401
+from test_eval_predict import IMAGES_PER_CLASS, dataset_root, model, one_thread, weights  # noqa: F401
 from test_fast_export import _nontrivial
 
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build has no oneDNN int8 linear")

@@ -18,6 +18,10 @@ Each engine runs in its own float mode (`denormal_mode`): the optimized path and
 denormals to zero (the shift mask's softmax weights, ~1e-44, are slow on x86 otherwise), the eager
 model and the peers run in the process's default mode unless their row says "ftz".
 
+glibc keeps freed memory for reuse (`allocator.keep_freed_memory`, which the optimized path turns on by
+itself) for every engine, peers included: it is switched on before any engine is built, so no row
+pays fresh zeroed pages for its large tensors while another does not (header "freed_memory_kept").
+
 Speedups are against timm's `torch.jit.trace` (FasterTransformer's baseline), falling back
 to timm eager, then to swinkit eager. For each batch size the machine's GEMM peaks are
 measured in the same run on the model's own linear shapes at that batch (`machine.measure_peaks`:
@@ -37,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..allocator import keep_freed_memory
 from ..infer.optimize import optimize_for_inference
 from ..metadata import Preprocess, read_metadata
 from ..precision import (INFERENCE_PRECISIONS, INT8, denormals_flushed, flush_denormals, inference_dtype,
@@ -199,6 +204,7 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
     dtypes = [inference_dtype(p) for p in precisions if p != INT8]  # PrecisionError for unknown names
     if threads:
         torch.set_num_threads(threads)
+    kept = keep_freed_memory(True)
     model = api.create_model(model_name, pretrained=weights).eval()
     if img_size is None:
         img_size = model.config.img_size
@@ -209,7 +215,7 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
         "model": model.name or model_name or str(weights), "weights": str(weights) if weights else None,
         "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3), "cpu": machine.cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds, "warmup": warmup,
-        "load_average": machine.load_average(), "precisions": precisions,
+        "load_average": machine.load_average(), "precisions": precisions, "freed_memory_kept": kept,
         "notes": [note for note in (slow_precision_note(dtype, "cpu") for dtype in dtypes) if note],
     }
     try:
