@@ -169,6 +169,8 @@ def test_int8_flags_are_checked(weights, dataset_root, capsys):
     assert "expected one of fp32, bf16, fp16, got 'int8'" in capsys.readouterr().err
     with pytest.raises(PrecisionError, match="runs on CPU"):
         load_runner(weights, device="cuda", precision="int8", calib=dataset_root / "train")
+    assert main(base + ["--backend", "jax", "--precision", "int8", "--calib", str(dataset_root / "train")]) == 2
+    assert "--backend jax runs fp32 or bf16; int8 (and --calib) is for the torch backend" in capsys.readouterr().err
 
 
 def test_quantize_torch_engine_prints_the_ptq_table(weights, dataset_root, capsys):
