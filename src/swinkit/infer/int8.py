@@ -16,8 +16,9 @@ is replaced by `Int8Linear.dense`. What runs in INT8 and what stays float:
   the attention matmuls, softmax and the residual adds, which stay fp32, as do the patch
   embedding and the classifier head (the same float islands as `quantize`'s "vnni" scheme).
 
-Measured on a 2-core AMX Xeon (README "INT8"): Swin-T at batch 8 ~2.4x the fp32 fast path; the
-Fashion-MNIST recipe model loses 0.0x points top-1 (see README for the table).
+Measured on a 2-core AMX Xeon (README "Measured"): Swin-T at batch 8 2.3-2.6x the fp32 fast path and
+2.5-2.8x the fp32 ONNX Runtime graph; the Fashion-MNIST recipe model loses 0.07 points top-1 (89.59 ->
+89.52, top-1 agreement 99.75%).
 """
 from __future__ import annotations
 
