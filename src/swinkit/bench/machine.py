@@ -174,12 +174,11 @@ def _engines(dtype: str, shape: GemmShape, operands: tuple[torch.Tensor, ...]) -
         if session is not None:
             feed = {"x": x_u8.numpy()}
             engines["onnxruntime MatMulInteger"] = lambda: session.run(None, feed)
-        from ..infer.int8 import available
+        from ..infer.int8 import available, int8_linear
         if available():  # oneDNN's int8 linear as `infer.int8.Int8Linear` calls it (fp32 output)
             packed = torch.ops.onednn.qlinear_prepack(operands[1][:n * k].view(n, k), None)
             scales, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
-            engines["onednn qlinear"] = lambda: torch.ops.onednn.qlinear_pointwise(
-                x_u8, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+            engines["onednn qlinear"] = lambda: int8_linear(x_u8, (1.0, 0), packed, scales, zeros)
         return engines
     weight = operands[1][:n * k].view(n, k)  # nn.Linear's [out, in]
     weight_t = weight.t().contiguous()

@@ -88,11 +88,11 @@ def evaluate(weights: str | Path | Runner, data: str | Path, *, model_name: str 
     """
     folder = resolve_split(data, "val")
     dataset = ImageFolderDataset(folder)  # validates: class folders exist, none empty
-    runner = weights if not isinstance(weights, (str, Path)) else load_runner(weights, model_name=model_name,
-                                                                              device=device, precision=precision,
-                                                                              calib=calib, calib_images=calib_images,
-                                                                              preprocess=preprocess)
-    runner = with_preprocess(runner, preprocess)
+    if isinstance(weights, (str, Path)):  # the runner is built with the preprocessing (int8 calibrates with it)
+        runner = load_runner(weights, model_name=model_name, device=device, precision=precision, calib=calib,
+                             calib_images=calib_images, preprocess=preprocess)
+    else:
+        runner = with_preprocess(weights, preprocess)
     mapping = torch.tensor(class_mapping(dataset.classes, runner, folder))
     num_outputs = len(runner.classes)
     k = min(5, num_outputs)

@@ -24,7 +24,6 @@ The fast model runs the same block definition as the eval model (`models.swin.Sw
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,8 +42,6 @@ from ..policy import specialise
 from ..precision import ensure_denormals_flushed
 
 __all__ = ["FastSwin"]
-
-log = logging.getLogger("swinkit")
 
 
 # ------------------------------------------------------------------------------------------ index maps

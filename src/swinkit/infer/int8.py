@@ -33,7 +33,8 @@ from ..policy import specialise
 from ..precision import PrecisionError
 from .fast import FastLinear, FastMlp, FastSwin
 
-__all__ = ["Int8Linear", "activation_qparams", "int16_saturation", "is_int8", "quantize_linears", "quantize_uint8"]
+__all__ = ["Int8Linear", "activation_qparams", "int16_saturation", "int8_linear", "is_int8", "quantize_linears",
+           "quantize_uint8"]
 
 log = logging.getLogger("swinkit")
 
@@ -41,6 +42,20 @@ log = logging.getLogger("swinkit")
 def available() -> bool:
     """Whether this PyTorch build has oneDNN's int8 linear (CPU)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def int8_linear(x: torch.Tensor, input_qparams: tuple[float, int], packed_weight: torch.Tensor,
+                weight_scale: torch.Tensor, weight_zero_point: torch.Tensor, bias: torch.Tensor | None = None, *,
+                gelu: bool = False, output_qparams: tuple[float, int] | None = None) -> torch.Tensor:
+    """THE int8 linear: oneDNN's `qlinear_pointwise` of uint8 `x` `[rows, K]` (in `input_qparams`) and a
+    weight prepacked by `qlinear_prepack` (per-channel `weight_scale`), plus fp32 `bias`, GELU fused when
+    asked (the exact, erf GELU); fp32 out, or uint8 in `output_qparams` when given."""
+    scale, zero_point = input_qparams
+    out_scale, out_zero, out_dtype = (1.0, 0, torch.float32) if output_qparams is None else (*output_qparams, None)
+    return torch.ops.onednn.qlinear_pointwise(
+        x, scale, zero_point, packed_weight, weight_scale, weight_zero_point,
+        None if bias is None else bias.float(), out_scale, out_zero, out_dtype,
+        "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,8 +67,7 @@ def int16_saturation() -> bool:
     inputs = torch.full((4, 64), 255, dtype=torch.uint8)
     weight = torch.full((8, 64), 127, dtype=torch.int8)
     packed = torch.ops.onednn.qlinear_prepack(weight, None)
-    out = torch.ops.onednn.qlinear_pointwise(inputs, 1.0, 0, packed, torch.ones(8), torch.zeros(8, dtype=torch.long),
-                                             None, 1.0, 0, torch.float32, "none", [], "")
+    out = int8_linear(inputs, (1.0, 0), packed, torch.ones(8), torch.zeros(8, dtype=torch.long))
     return not bool((out == 255 * 127 * 64).all())
 
 
@@ -111,15 +125,10 @@ class Int8Linear(FastLinear):
     def dense(self, x: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
         if x.device.type != "cpu":
             raise PrecisionError(f"INT8 linears run on CPU (oneDNN); got a tensor on {x.device}")
-        scale, zero_point = self.input_qparams
         if x.dtype != torch.uint8:
-            x = quantize_uint8(x, scale, zero_point)
-        out_scale, out_zero, out_dtype = ((1.0, 0, torch.float32) if self.output_qparams is None
-                                          else (*self.output_qparams, None))
-        out = torch.ops.onednn.qlinear_pointwise(
-            x.reshape(-1, x.shape[-1]), scale, zero_point, self.int8_weight, self.weight_scale,
-            self.weight_zero_point, None if bias is None else bias.float(), out_scale, out_zero, out_dtype,
-            "gelu" if gelu else "none", [], "none" if gelu else "")  # gelu "none": the exact (erf) GELU
+            x = quantize_uint8(x, *self.input_qparams)
+        out = int8_linear(x.reshape(-1, x.shape[-1]), self.input_qparams, self.int8_weight, self.weight_scale,
+                          self.weight_zero_point, bias, gelu=gelu, output_qparams=self.output_qparams)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -37,11 +37,11 @@ def predict(weights: str | Path | Runner, images: Iterable[str | Path], *, model
         raise ValueError(f"topk must be at least 1, got {topk}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    runner = weights if not isinstance(weights, (str, Path)) else load_runner(weights, model_name=model_name,
-                                                                              device=device, precision=precision,
-                                                                              calib=calib, calib_images=calib_images,
-                                                                              preprocess=preprocess)
-    runner = with_preprocess(runner, preprocess)
+    if isinstance(weights, (str, Path)):  # the runner is built with the preprocessing (int8 calibrates with it)
+        runner = load_runner(weights, model_name=model_name, device=device, precision=precision, calib=calib,
+                             calib_images=calib_images, preprocess=preprocess)
+    else:
+        runner = with_preprocess(weights, preprocess)
     transform = runner.preprocess.transform()
     k = min(topk, len(runner.classes))
 
