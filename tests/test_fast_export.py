@@ -61,6 +61,47 @@ def test_optimized_matches_without_onednn_and_in_graph_constants():
         torch.testing.assert_close(plain(images), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("windows_in_bias", [1, 4])
+def test_fused_window_attention_equals_plain_matmuls(cosine, windows_in_bias):
+    """One scaled_dot_product_attention call on strided head views of a fused projection: the plain
+    definition's result, per-window bias and per-head temperature included, written token-major."""
+    from swinkit.models.attention import merge_heads, split_heads, window_attention
+    torch.manual_seed(0)
+    batch, window, heads, dim = 3, 4, 2, 16
+    qkv = torch.randn(batch, 4 * window * window, 3 * dim)
+    q, k, v = (split_heads(t, window, heads) for t in qkv.chunk(3, dim=-1))  # [3, 4, 2, 16, 8] views
+    bias = torch.randn(windows_in_bias, heads, window * window, window * window)
+    bias[..., -3:] = -100.0  # masked keys, as a shift mask sets them
+    temperature = torch.rand(heads, 1, 1) * 10 if cosine else 8 ** -0.5
+    plain = window_attention(q, k, v, bias, temperature, cosine)
+    fused = window_attention(q, k, v, bias, temperature, cosine, fused=True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    merged = merge_heads(fused)
+    assert merged.data_ptr() == fused.data_ptr()  # token-major already: merging the heads is a view
+    torch.testing.assert_close(merged, merge_heads(plain), atol=1e-5, rtol=0)
+
+
+def test_fast_path_runs_fused_attention_and_tracers_see_plain_matmuls(monkeypatch):
+    import torch.nn.functional as F
+    calls = []
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = _nontrivial("swin_nano_patch2_window4_32")
+    blocks = sum(len(stage.blocks) for stage in model.layers)
+    images = torch.randn(2, 3, 32, 32)
+    fast = optimize_for_inference(model)
+    with torch.no_grad():
+        expected = model(images)
+        assert not calls  # the eval model is the plain reference
+        torch.testing.assert_close(fast(images), expected, atol=1e-4, rtol=0)
+        assert len(calls) == blocks
+        calls.clear()
+        traced = torch.jit.trace(fast, images, check_trace=False)
+        assert not calls  # exporters see the plain batched matmuls
+        torch.testing.assert_close(traced(images), expected, atol=1e-4, rtol=0)
+
+
 def test_swin_tiny_optimized_matches_eval_model():
     model = _nontrivial("swin_tiny_patch4_window7_224")
     images = torch.randn(1, 3, 224, 224)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import tracing
+
 SHIFT_MASK_VALUE = -100.0  # the official value between tokens of different shifted regions
 PAD_MASK_VALUE = -10000.0  # padded keys: never attended, finite so no row becomes NaN (fp16-safe)
 LOG_MAX_TEMPERATURE = math.log(100.0)  # v2 clamps logit_scale here
@@ -46,14 +48,33 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor, t
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor, temperature,
-                     cosine: bool, dropout: float = 0.0) -> torch.Tensor:
+                     cosine: bool, dropout: float = 0.0, fused: bool = False) -> torch.Tensor:
     """Attention inside windows: `[B, num_windows, heads, N, head_dim]` x3 -> same shape.
-    Plain batched matmuls: windows are tiny (N = 16..576) and the bias differs per window,
-    which fused attention kernels on CPU can only take materialised per image."""
+
+    Plain batched matmuls by default: what training differentiates (the lean kernel recomputes
+    `attention_probs`) and what an exporter sees. `fused=True` computes the same attention in one
+    call of torch's `scaled_dot_product_attention` (no dropout): it reads q, k and v where they lie
+    (strided slices of the fused projection, no head-split copies), never stores the scores and
+    writes its output token-major, so `merge_heads` is a view; windows fold into its batch."""
+    if fused:
+        return _fused_window_attention(q, k, v, attn_bias, temperature, cosine)
     probs = attention_probs(q, k, attn_bias, temperature, cosine)
     if dropout:
         probs = F.dropout(probs, dropout)
     return torch.matmul(probs, v)
+
+
+def _fused_window_attention(q, k, v, attn_bias, temperature, cosine: bool) -> torch.Tensor:
+    batch, windows, heads, tokens, head_dim = q.shape
+    if cosine:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if torch.is_tensor(temperature):  # per head: on q, like `attention_probs`
+        q, temperature = q * temperature.to(q.dtype), 1.0
+    if attn_bias.shape[0] > 1 and batch > 1:  # per window: the kernel's batch is windows of all images
+        attn_bias = attn_bias.expand(batch, *attn_bias.shape).reshape(batch * windows, heads, tokens, tokens)
+    out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                         attn_mask=attn_bias.to(q.dtype), scale=float(temperature))
+    return out.view(batch, windows, heads, tokens, head_dim)
 
 
 def split_heads(x: torch.Tensor, window: int, num_heads: int) -> torch.Tensor:
@@ -152,6 +173,7 @@ class WindowAttention(nn.Module):
     `temperature` and the qkv bias. `[B, num_windows * N, C]` (+ mask `[num_windows, N, N]`) -> same shape."""
 
     cosine = False
+    fused_attention = False  # `window_attention(fused=True)` outside tracers; the fast inference path sets it
 
     def __init__(self, dim: int, num_heads: int, window: int, attn_drop: float):
         super().__init__()
@@ -179,7 +201,8 @@ class WindowAttention(nn.Module):
         """q, k, v `[B, num_windows * N, C]` -> attention output `[B, num_windows * N, C]`."""
         q, k, v = (split_heads(t, self.window, self.num_heads) for t in (q, k, v))
         dropout = self.attn_drop if self.training else 0.0
-        return merge_heads(window_attention(q, k, v, attn_bias, self.temperature(), self.cosine, dropout))
+        fused = self.fused_attention and not dropout and not tracing()
+        return merge_heads(window_attention(q, k, v, attn_bias, self.temperature(), self.cosine, dropout, fused))
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`[B, L, C]` -> q, k, v `[B, L, C]`: slices of one fused projection."""
