@@ -6,7 +6,7 @@
 
 infer: the optimized path (`optimize_for_inference`); train: forward + backward + AdamW step of the
 model (plain autograd, or the lean policy with --lean). Prints the share of self CPU time per kind
-(GEMMs, attention batched matmuls, softmax, LayerNorm, GELU, copies/gathers, elementwise, other), the
+(GEMMs, attention batched matmuls, fused attention, softmax, LayerNorm, GELU, copies/gathers, elementwise, other), the
 GEMM kind's GFLOP/s (the model's FLOPs counted per image), and the top ops.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ KINDS = (  # first match wins: (kind, substrings of the op name)
     ("linear GEMM", ("addmm", "aten::mm", "_linear_pointwise", "mkldnn_linear", "convolution_backward", "linear")),
     ("int8 quantize", ("quantize_per_tensor",)),
     ("attention bmm", ("bmm", "matmul", "baddbmm")),
+    ("fused attention", ("scaled_dot_product", "flash_attention")),
     ("softmax", ("softmax",)),
     ("layer norm", ("layer_norm",)),
     ("gelu", ("gelu",)),
