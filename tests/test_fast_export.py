@@ -102,6 +102,22 @@ def test_fast_path_runs_fused_attention_and_tracers_see_plain_matmuls(monkeypatc
         torch.testing.assert_close(traced(images), expected, atol=1e-4, rtol=0)
 
 
+def test_optimized_model_copies_and_moves_after_running(monkeypatch):
+    """The weights oneDNN keeps reordered live beside the model, so a used fast model still deep-copies,
+    changes dtype and runs (reordering again for the copy)."""
+    import copy
+    from swinkit import onednn
+    monkeypatch.setenv(onednn.ENGINE_ENV, "onednn")
+    model = _nontrivial("swin_tiny_patch4_window7_224")  # linears large enough for oneDNN (MIN_MACS)
+    images = torch.randn(1, 3, 224, 224)
+    fast = optimize_for_inference(model)
+    with torch.no_grad():
+        first = fast(images)
+        assert any(weight is fast.model.layers[0].blocks[0].mlp.fc1.weight for weight in onednn._reordered.keys())
+        torch.testing.assert_close(copy.deepcopy(fast)(images), first, atol=0, rtol=0)
+        torch.testing.assert_close(fast.double().float()(images), first, atol=1e-5, rtol=0)
+
+
 def test_swin_tiny_optimized_matches_eval_model():
     model = _nontrivial("swin_tiny_patch4_window7_224")
     images = torch.randn(1, 3, 224, 224)

@@ -64,6 +64,37 @@ def test_engine_choice_is_measured_once_and_kept_per_machine(choices, monkeypatc
     assert gemm.engine("forward", 1 << 20, inner, outer, torch.float32) and calls[-1][1] == gemm.MEASURE_ROWS
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_weight_is_reordered_once_and_follows_edits(dtype, monkeypatch):
+    """Inference linears (`frozen=True`) hand oneDNN the weight reordered once, kept beside the weight:
+    the same results as `F.linear`, the same reordered tensor on the next call, a fresh one after an
+    in-place edit; the module's own weight stays a plain tensor (copies, moves, saves)."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no bf16 oneDNN kernels on this CPU")
+    monkeypatch.setenv(gemm.ENGINE_ENV, "onednn")
+    rows, inner, outer = SHAPE
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(rows, inner, dtype=dtype), torch.randn(outer, inner, dtype=dtype), torch.randn(outer, dtype=dtype)
+    tolerance = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double()).to(dtype)
+    torch.testing.assert_close(gemm.linear(x, weight, bias, frozen=True), expected, **tolerance)
+    reordered = gemm._reordered[weight][1]
+    assert reordered.is_mkldnn and not weight.is_mkldnn
+    torch.testing.assert_close(gemm.linear(x, weight, bias, gelu=True, frozen=True),
+                               torch.nn.functional.gelu(expected.double()).to(dtype), **tolerance)
+    assert gemm._reordered[weight][1] is reordered  # kept, not reordered again
+    with torch.no_grad():
+        weight.mul_(-2)
+    torch.testing.assert_close(gemm.linear(x, weight, bias, frozen=True),
+                               torch.nn.functional.linear(x.double(), weight.double(), bias.double()).to(dtype),
+                               **tolerance)
+    assert gemm._reordered[weight][1] is not reordered
+    with torch.inference_mode():  # inference tensors carry no version: still computed right
+        weight_inf = weight.clone()
+        torch.testing.assert_close(gemm.linear(x, weight_inf, bias, frozen=True),
+                                   gemm.linear(x, weight, bias, frozen=True), atol=0, rtol=0)
+
+
 def test_unreadable_choices_are_measured_again(choices, caplog):
     path = gemm.choices_path()
     path.write_text("{not json")

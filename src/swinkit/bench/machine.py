@@ -185,6 +185,8 @@ def _engines(dtype: str, shape: GemmShape, operands: tuple[torch.Tensor, ...]) -
     engines = {"torch.mm": lambda: torch.mm(x, weight_t)}
     if torch.backends.mkldnn.is_available() and (dtype != "bf16" or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         engines["onednn"] = lambda: onednn.inner_product(x, weight)
+        reordered = onednn.reorder_weight(weight)  # as the fast path keeps its weights (`onednn.linear(frozen=True)`)
+        engines["onednn reordered"] = lambda: onednn.inner_product(x, reordered)
     return engines
 
 
@@ -192,7 +194,8 @@ def measure_peaks(shapes: Sequence[GemmShape], dtypes: Sequence[str] = PEAK_DTYP
                   max_seconds: float = 0.1) -> dict:
     """THE machine peak of the benchmarks: GFLOP/s of the model's own GEMMs (`linear_shapes`) per dtype, on
     the CPU with torch's current threads. Every shape runs on every engine (fp32 and bf16: `torch.mm`, i.e.
-    MKL, and oneDNN's inner product as `swinkit.onednn` calls it; int8, u8/s8 with int32 accumulation:
+    MKL, and oneDNN's inner product as `swinkit.onednn` calls it, on the plain weight and on the weight
+    reordered once to oneDNN's layout; int8, u8/s8 with int32 accumulation:
     `torch._int_mm`, oneDNN's int8 linear as `infer.int8` calls it (fp32 output) and ONNX Runtime's
     MatMulInteger where installed), best of `repeats` calls after a
     warm-up (fewer once `max_seconds` are spent: large shapes vary little); a shape's rate is its fastest

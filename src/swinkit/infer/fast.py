@@ -15,8 +15,9 @@ The fast model runs the same block definition as the eval model (`models.swin.Sw
   (LayerNorm, MLP and residuals are per-token, so they do not care about the order). Padded
   slots hold copies of a real token and are masked as keys exactly as the eval model masks its
   zero padding, so they never reach a real token.
-* On CPU, linear layers run through `swinkit.onednn.linear`: oneDNN (fc1 with GELU fused) or MKL,
-  whichever measured faster for the shape on this machine (`onednn.engine`);
+* On CPU, linear layers run through `swinkit.onednn.linear(frozen=True)`: oneDNN (fc1 with GELU
+  fused) on the weight reordered once to its own layout (kept beside the model: one extra copy of
+  each large weight), or MKL, whichever measured faster for the shape on this machine (`onednn.engine`);
   elsewhere (CUDA, ONNX export, torch.compile) plain `F.linear` on 2-D tokens (which ONNX
   Runtime fuses into one Gemm).
 * Attention is `window_attention(fused=True)`: one `scaled_dot_product_attention` call per block
@@ -83,7 +84,7 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use
     """`x @ weight.T + bias` over the last dim: oneDNN (GELU fused when asked), or `F.linear` on 2-D
     tokens, which ONNX Runtime fuses into one Gemm (GELU then left to the caller)."""
     if use_onednn:
-        return onednn.linear(x, weight, bias, gelu=gelu)
+        return onednn.linear(x, weight, bias, gelu=gelu, frozen=True)
     return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
