@@ -308,6 +308,7 @@ def test_bench_infer_smoke_rows():
     assert {"cpu", "threads", "model", "img_size"} <= set(result["header"])
     table = format_table(result)
     assert "swinkit optimized" in table and "GEMM peak GFLOP/s at batch 2" in table and "% fp32" in table
+    assert "best ms" in table and all(0 < row["min_ms"] <= row["ms"] for row in result["rows"])
 
 
 def test_bench_infer_cli_json(capsys):

@@ -295,7 +295,7 @@ def format_table(result: dict) -> str:
     lines = [f"swinkit bench infer: {header['model']} at {size} ({header['gflops_per_image']} GFLOP/image)",
              f"CPU: {header['cpu']}, {header['threads']} threads; torch {header['torch']}"
              + (f", onnxruntime {header['onnxruntime']}" if "onnxruntime" in header else "")
-             + f"; median of {header['rounds']} interleaved rounds after {header['warmup']} warm-up calls;"
+             + f"; median (and best) of {header['rounds']} interleaved rounds after {header['warmup']} warm-up calls;"
              f" load average {header['load_average']} -> {header.get('load_average_after')}"]
     peaks = header.get("gemm_peaks") or {}
     for batch in sorted({row["batch"] for row in result["rows"]}):
@@ -307,12 +307,13 @@ def format_table(result: dict) -> str:
         if measured:
             lines.append("  " + machine.format_peaks(measured, f" at batch {batch}"))
         speedup_title = f"speedup vs {baseline}" if baseline else "speedup"
-        lines.append(f"  {'engine':<22} {'ms/batch':>10} {'img/s':>9} {speedup_title:>28} "
+        lines.append(f"  {'engine':<22} {'ms/batch':>10} {'best ms':>9} {'img/s':>9} {speedup_title:>28} "
                      f"{'GFLOP/s':>8} {'% peak':>12}")
         for row in rows:
             speedup = f"{row['speedup']:.2f}x" if row["speedup"] is not None else "-"
             pct = f"{row['pct_peak']:.0f}% {row['dtype']}" if row.get("pct_peak") is not None else "-"
-            lines.append(f"  {row['engine']:<22} {row['ms']:>10.1f} {row['img_s']:>9.2f} {speedup:>28} "
+            best = f"{row['min_ms']:.1f}" if row.get("min_ms") is not None else "-"
+            lines.append(f"  {row['engine']:<22} {row['ms']:>10.1f} {best:>9} {row['img_s']:>9.2f} {speedup:>28} "
                          f"{row['gflops']:>8.1f} {pct:>12}")
         for item in result.get("ratios", []):
             if item["batch"] == batch:
