@@ -13,7 +13,8 @@ it). PyTorch does not route `mm` to oneDNN, so this module calls it directly:
 
 Inference (`linear(..., frozen=True)`, the fast path) hands oneDNN each weight reordered once to its
 blocked layout (`reorder_weight`) instead of reordering inside every call: at batch 1 that measured
-~5-9% faster for Swin-T in bf16, within noise in fp32 (interleaved medians of 81 calls).
+~5% faster for Swin-T in bf16 (9% with oneDNN forced on every shape), within noise in fp32
+(interleaved medians of 81 calls).
 
 Accumulation is fp32, like MKL; only the summation order differs. `uses_onednn` is the one rule
 deciding when these run.
@@ -58,8 +59,8 @@ DTYPES = {"forward": (torch.float32, torch.bfloat16), "forward_frozen": (torch.f
 
 def uses_onednn(op: str, rows: int, in_features: int, out_features: int, *tensors: torch.Tensor,
                 gelu: bool = False) -> bool:
-    """THE rule: oneDNN runs `op` ("forward", "forward_frozen", "grad_input", "grad_weight") of a linear layer `[rows, in] x
-    [in, out]` when the problem is large, every tensor is on the CPU in a dtype oneDNN runs for that op,
+    """THE rule: oneDNN runs `op` ("forward", "forward_frozen", "grad_input", "grad_weight") of a linear
+    layer `[rows, in] x [in, out]` when the problem is large, every tensor is on the CPU in a dtype oneDNN runs for that op,
     oneDNN is available, no tracer/exporter is running (they must see plain ops), and it is the faster
     library for this shape here (`engine`)."""
     dtypes = DTYPES[op]
