@@ -60,9 +60,9 @@ DTYPES = {"forward": (torch.float32, torch.bfloat16), "forward_frozen": (torch.f
 def uses_onednn(op: str, rows: int, in_features: int, out_features: int, *tensors: torch.Tensor,
                 gelu: bool = False) -> bool:
     """THE rule: oneDNN runs `op` ("forward", "forward_frozen", "grad_input", "grad_weight") of a linear
-    layer `[rows, in] x [in, out]` when the problem is large, every tensor is on the CPU in a dtype oneDNN runs for that op,
-    oneDNN is available, no tracer/exporter is running (they must see plain ops), and it is the faster
-    library for this shape here (`engine`)."""
+    layer `[rows, in] x [in, out]` when the problem is large, every tensor is on the CPU in a dtype oneDNN
+    runs for that op, oneDNN is available, no tracer/exporter is running (they must see plain ops), and it
+    is the faster library for this shape here (`engine`)."""
     dtypes = DTYPES[op]
     if torch.jit.is_tracing():  # sizes are tensors there; the tracer must see plain ops
         return False
