@@ -6,8 +6,8 @@
 
 infer: the optimized path (`optimize_for_inference`); train: forward + backward + AdamW step of the
 model (plain autograd, or the lean policy with --lean). Prints the share of self CPU time per kind
-(GEMMs, attention batched matmuls, fused attention, softmax, LayerNorm, GELU, copies/gathers, elementwise, other), the
-GEMM kind's GFLOP/s (the model's FLOPs counted per image), and the top ops.
+(GEMMs, attention batched matmuls, fused attention, softmax, LayerNorm, GELU, copies/gathers,
+elementwise, other), the GEMM kind's GFLOP/s (the model's FLOPs counted per image), and the top ops.
 """
 from __future__ import annotations
 

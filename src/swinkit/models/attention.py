@@ -28,6 +28,20 @@ LOG_MAX_TEMPERATURE = math.log(100.0)  # v2 clamps logit_scale here
 
 
 # ----------------------------------------------------------------------------------- the computation
+def scaled_query_key(q: torch.Tensor, k: torch.Tensor, temperature, cosine: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(temperature * q', k'), whose product is the scores before bias: q' = q/|q|, k' = k/|k| for v2's
+    cosine attention, else q, k. temperature: a float (1.0: the fast path folded it into the q
+    projection, nothing to do) or per head `[heads, 1, 1]`."""
+    if cosine:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if torch.is_tensor(temperature):
+        q = q * temperature.to(q.dtype)
+    elif temperature != 1.0:
+        q = q * temperature
+    return q, k
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor, temperature, cosine: bool
                     ) -> torch.Tensor:
     """softmax(temperature * q' k'^T + attn_bias): `[B, num_windows, heads, N, N]`.
@@ -36,12 +50,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor, t
     (`[num_windows or 1, heads, N, N]`: position bias plus mask); temperature: a float or `[heads, 1, 1]`.
     The softmax runs in at least fp32 (bf16/fp16 inputs are promoted, the result cast back).
     """
-    if cosine:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    if torch.is_tensor(temperature):
-        q = q * temperature.to(q.dtype)
-    elif temperature != 1.0:  # 1.0: the fast path folded it into the q projection
-        q = q * temperature
+    q, k = scaled_query_key(q, k, temperature, cosine)
     scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))
     scores += attn_bias.to(scores.dtype)  # in place: the scores are not needed for backward
     return torch.softmax(scores, dim=-1).to(q.dtype)
@@ -66,14 +75,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
 
 def _fused_window_attention(q, k, v, attn_bias, temperature, cosine: bool) -> torch.Tensor:
     batch, windows, heads, tokens, head_dim = q.shape
-    if cosine:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    if torch.is_tensor(temperature):  # per head: on q, like `attention_probs`
-        q, temperature = q * temperature.to(q.dtype), 1.0
+    q, k = scaled_query_key(q, k, temperature, cosine)
     if attn_bias.shape[0] > 1 and batch > 1:  # per window: the kernel's batch is windows of all images
         attn_bias = attn_bias.expand(batch, *attn_bias.shape).reshape(batch * windows, heads, tokens, tokens)
     out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                         attn_mask=attn_bias.to(q.dtype), scale=float(temperature))
+                                         attn_mask=attn_bias.to(q.dtype), scale=1.0)
     return out.view(batch, windows, heads, tokens, head_dim)
 
 
