@@ -25,7 +25,7 @@ KINDS = (  # first match wins: (kind, substrings of the op name)
     ("linear GEMM", ("addmm", "aten::mm", "_linear_pointwise", "mkldnn_linear", "convolution_backward", "linear")),
     ("int8 quantize", ("quantize_per_tensor",)),
     ("attention bmm", ("bmm", "matmul", "baddbmm")),
-    ("fused attention", ("scaled_dot_product", "flash_attention")),
+    ("fused attention", ("scaled_dot_product", "flash_attention", "swinkit::window_attention")),
     ("softmax", ("softmax",)),
     ("layer norm", ("layer_norm",)),
     ("gelu", ("gelu",)),

@@ -63,10 +63,17 @@ def test_optimized_matches_without_onednn_and_in_graph_constants():
 
 @pytest.mark.parametrize("cosine", [False, True])
 @pytest.mark.parametrize("windows_in_bias", [1, 4])
-def test_fused_window_attention_equals_plain_matmuls(cosine, windows_in_bias):
-    """One scaled_dot_product_attention call on strided head views of a fused projection: the plain
-    definition's result, per-window bias and per-head temperature included, written token-major."""
+@pytest.mark.parametrize("kernel", ["swinkit", "sdpa"])
+def test_fused_window_attention_equals_plain_matmuls(cosine, windows_in_bias, kernel, monkeypatch):
+    """One call (swinkit's CPU kernel where it applies, else scaled_dot_product_attention) on strided
+    head views of a fused projection: the plain definition's result, per-window bias and per-head
+    temperature included, written token-major."""
+    from swinkit import native
     from swinkit.models.attention import merge_heads, split_heads, window_attention
+    if kernel == "sdpa":
+        monkeypatch.setattr(native, "window_attention_applies", lambda *args: False)
+    elif not native.kernels_available():
+        pytest.skip("swinkit's kernels could not be built here")
     torch.manual_seed(0)
     batch, window, heads, dim = 3, 4, 2, 16
     qkv = torch.randn(batch, 4 * window * window, 3 * dim)
@@ -88,10 +95,13 @@ def test_fused_window_attention_equals_plain_matmuls(cosine, windows_in_bias):
 
 
 def test_fast_path_runs_fused_attention_and_tracers_see_plain_matmuls(monkeypatch):
+    """One fused attention call per block (swinkit's kernel in fp32 on the CPU where it builds, else SDPA)."""
     import torch.nn.functional as F
+    from swinkit import native
     calls = []
     original = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or original(*a, **k))
+    monkeypatch.setattr(native, "window_attention", lambda *a, _f=native.window_attention: calls.append("swinkit") or _f(*a))
     model = _nontrivial("swin_nano_patch2_window4_32")
     blocks = sum(len(stage.blocks) for stage in model.layers)
     images = torch.randn(2, 3, 32, 32)
@@ -100,7 +110,7 @@ def test_fast_path_runs_fused_attention_and_tracers_see_plain_matmuls(monkeypatc
         expected = model(images)
         assert not calls  # the eval model is the plain reference
         torch.testing.assert_close(fast(images), expected, atol=1e-4, rtol=0)
-        assert len(calls) == blocks
+        assert calls == ["swinkit" if native.kernels_available() else "sdpa"] * blocks
         calls.clear()
         traced = torch.jit.trace(fast, images, check_trace=False)
         assert not calls  # exporters see the plain batched matmuls

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from swinkit import files
 from swinkit import onednn as gemm
 from swinkit.train import lean
 
@@ -19,7 +20,7 @@ SHAPE = (4099, 96, 288)
 @pytest.fixture
 def choices(tmp_path, monkeypatch):
     """Measured engine choices kept in a fresh folder, none remembered in memory."""
-    monkeypatch.setenv(gemm.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(gemm.ENGINE_ENV, raising=False)
     monkeypatch.setattr(gemm, "_tables", {})
     return tmp_path

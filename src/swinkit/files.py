@@ -21,6 +21,18 @@ import torch
 from .errors import SwinkitError
 
 
+CACHE_ENV = "SWINKIT_CACHE_DIR"
+
+
+def cache_folder() -> Path:
+    """Where swinkit keeps what it measured or built for this machine (GEMM engine choices, compiled
+    kernels): `$SWINKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/swinkit`, else `~/.cache/swinkit`."""
+    folder = os.environ.get(CACHE_ENV)
+    if folder:
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swinkit"
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object], *,
                  verify: Callable[[Path], object] | None = None, keep_previous: str | os.PathLike | None = None
                  ) -> Path:

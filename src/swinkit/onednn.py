@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .files import atomic_write
+from .files import atomic_write, cache_folder
 from .models.layers import tracing
 from .precision import cpu_info
 
@@ -180,7 +180,6 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------- which library runs a shape
 ENGINE_ENV = "SWINKIT_GEMM_ENGINE"  # measure (default) | onednn | torch
-CACHE_ENV = "SWINKIT_CACHE_DIR"     # folder of the measured choices (default ~/.cache/swinkit)
 ENGINE_MODES = ("measure", "onednn", "torch")
 MEASURE_ROWS = 1 << 15  # tall-skinny GEMMs run at their large-problem rate well before this
 REPEATS = 3
@@ -189,14 +188,12 @@ _tables: dict[Path, dict[str, str]] = {}
 
 def choices_path() -> Path:
     """The JSON file of measured choices for this machine (CPU model and flags), torch version and
-    thread count: a change of any of them measures afresh."""
-    return _choices_path(os.environ.get(CACHE_ENV) or "", os.environ.get("XDG_CACHE_HOME") or "",
-                         torch.get_num_threads())
+    thread count, in `files.cache_folder()`: a change of any of them measures afresh."""
+    return _choices_path(cache_folder(), torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=16)
-def _choices_path(cache_dir: str, xdg_cache: str, threads: int) -> Path:
-    folder = cache_dir or os.path.join(xdg_cache or os.path.join(os.path.expanduser("~"), ".cache"), "swinkit")
+def _choices_path(folder: Path, threads: int) -> Path:
     name, flags = cpu_info()
     machine = json.dumps([name, sorted(flags), torch.__version__, threads])
     return Path(folder) / f"gemm-engines-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"

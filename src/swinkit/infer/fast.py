@@ -20,10 +20,10 @@ The fast model runs the same block definition as the eval model (`models.swin.Sw
   each large weight), or MKL, whichever measured faster for the shape on this machine (`onednn.engine`);
   elsewhere (CUDA, ONNX export, torch.compile) plain `F.linear` on 2-D tokens (which ONNX
   Runtime fuses into one Gemm).
-* Attention is `window_attention(fused=True)`: one `scaled_dot_product_attention` call per block
-  on strided head views of the qkv projection (no head-split or merge copies, no stored scores);
-  exporters still see the plain batched matmuls. Swin-T b8 fp32 here: 473 -> 469 ms, b1 bf16
-  50.2 -> 47.4 ms, Swin-V2-T b8 fp32 644 -> 607 ms (medians, interleaved).
+* Attention is `window_attention(fused=True)`: one call per block on strided head views of the
+  qkv projection (no head-split or merge copies, no stored scores): swinkit's own kernel on the CPU
+  in fp32 for windows up to 8x8 (`swinkit.native`, built when the fast model is made), else
+  `scaled_dot_product_attention`; exporters still see the plain batched matmuls.
 * No dropout, drop path, gradient checkpointing or autograd state: parameters are frozen.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import onednn
+from .. import native, onednn
 from ..allocator import ensure_freed_memory_kept
 from ..models.attention import WindowAttention, long_scalar, window_layout
 from ..models.layers import MERGE_OFFSETS, Mlp, tracing
@@ -211,6 +211,8 @@ class FastSwin(nn.Module):
                 specialise(module, FrozenWindowAttention).freeze()
                 module.split_qkv = split_qkv
         self.windows = [stage.window for stage in self.model.layers]
+        if any(p.device.type == "cpu" for p in self.model.parameters()):
+            native.kernels_available()  # build (once per machine) now rather than in the first forward
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self.eval()
 

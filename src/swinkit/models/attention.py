@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from .layers import tracing
 
 SHIFT_MASK_VALUE = -100.0  # the official value between tokens of different shifted regions
@@ -62,9 +63,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
 
     Plain batched matmuls by default: what training differentiates (the lean kernel recomputes
     `attention_probs`) and what an exporter sees. `fused=True` computes the same attention in one
-    call of torch's `scaled_dot_product_attention` (no dropout): it reads q, k and v where they lie
-    (strided slices of the fused projection, no head-split copies), never stores the scores and
-    writes its output token-major, so `merge_heads` is a view; windows fold into its batch."""
+    call (no dropout) that reads q, k and v where they lie (strided slices of the fused projection,
+    no head-split copies), never stores the scores and writes its output token-major, so
+    `merge_heads` is a view: swinkit's own kernel where it applies (`native.window_attention`: CPU,
+    fp32, windows up to 64 tokens, no autograd), else torch's `scaled_dot_product_attention` with the
+    windows folded into its batch."""
     if fused:
         return _fused_window_attention(q, k, v, attn_bias, temperature, cosine)
     probs = attention_probs(q, k, attn_bias, temperature, cosine)
@@ -76,6 +79,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
 def _fused_window_attention(q, k, v, attn_bias, temperature, cosine: bool) -> torch.Tensor:
     batch, windows, heads, tokens, head_dim = q.shape
     q, k = scaled_query_key(q, k, temperature, cosine)
+    if native.window_attention_applies(q, attn_bias):  # swinkit's CPU kernel: fp32, windows up to 8x8
+        return native.window_attention(q, k, v, attn_bias)
     if attn_bias.shape[0] > 1 and batch > 1:  # per window: the kernel's batch is windows of all images
         attn_bias = attn_bias.expand(batch, *attn_bias.shape).reshape(batch * windows, heads, tokens, tokens)
     out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),

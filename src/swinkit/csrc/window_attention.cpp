@@ -1,0 +1,282 @@
+// Window attention for small windows on the CPU, fp32: one kernel per (image, window, head) that keeps
+// the scores of a block of query rows in registers from q k^T through the softmax to p v.
+//
+//   out[i] = softmax_j(q[i] . k[j] + bias[i, j]) v[j]        i, j < N <= 64, head_dim D <= 64
+//
+// Built on first use by `swinkit.native` (torch.utils.cpp_extension, -O3 -march=native -fopenmp) and
+// registered as torch.ops.swinkit.window_attention; the Python side (`models.attention`) decides when it
+// runs (CPU, float32, no autograd, not under an exporter) and otherwise calls scaled_dot_product_attention.
+// Written with GCC/Clang vector extensions (16 lanes: one AVX-512 register, two AVX2 ones), AVX-512
+// masked loads where the compiler targets it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int L = 16;            // lanes per vector
+constexpr int ROWS = 4;          // query rows per register block
+constexpr int MAX_VECTORS = 4;   // N and D up to 4 vectors (64)
+constexpr float NEG = -1e30f;    // bias of the padding lanes: exp() gives exactly 0
+typedef float vf __attribute__((vector_size(L * sizeof(float))));
+typedef int vi __attribute__((vector_size(L * sizeof(int))));
+
+inline vf load(const float* p) { vf x; std::memcpy(&x, p, sizeof(vf)); return x; }
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+inline vf splat(float a) { return vf{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+
+// the first n (1..16) lanes from p, `fill` in the others; never reads past p[n - 1]
+inline vf load_tail(const float* p, int n, float fill) {
+#ifdef __AVX512F__
+  return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), (__mmask16)((1u << n) - 1u), p);
+#else
+  vf x = splat(fill);
+  std::memcpy(&x, p, n * sizeof(float));
+  return x;
+#endif
+}
+
+inline void store_tail(float* p, vf x, int n) {
+#ifdef __AVX512F__
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)x);
+#else
+  std::memcpy(p, &x, n * sizeof(float));
+#endif
+}
+
+inline float reduce_max(vf x) {
+#ifdef __AVX512F__
+  return _mm512_reduce_max_ps((__m512)x);
+#else
+  float m = x[0];
+  for (int i = 1; i < L; ++i) m = std::max(m, x[i]);
+  return m;
+#endif
+}
+
+inline float reduce_sum(vf x) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)x);
+#else
+  float s = 0.0f;
+  for (int i = 0; i < L; ++i) s += x[i];
+  return s;
+#endif
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum): 2^n p(r), r = x - n ln 2, |r| <= ln 2 / 2, a degree-6
+// polynomial (relative error ~2e-7); below -87 the result is 0 (where fp32 turns denormal anyway).
+inline vf exp_nonpositive(vf x) {
+  const vf low = splat(-87.0f);
+  const vi under = x < low;
+  x = under ? low : x;
+  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(vf));
+  return under ? splat(0.0f) : p * scale;
+}
+
+// kT[c][j] = k[j][c] for c < D, j < N (rows of k `sk` floats apart); columns N..NP of kT are zeroed.
+#ifdef __AVX512F__
+// 16 x 16 blocks: two rounds of in-lane unpacks/shuffles, two of 128-bit lane shuffles.
+inline void transpose_keys(const float* k, int64_t sk, int N, int D, float* kT, int NP) {
+  for (int j0 = 0; j0 < NP; j0 += L) {
+    for (int c0 = 0; c0 < D; c0 += L) {
+      const int cols = std::min(L, D - c0);
+      const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
+      __m512 r[L], t[L];
+      for (int j = 0; j < L; ++j)
+        r[j] = j0 + j < N ? _mm512_maskz_loadu_ps(mask, k + (j0 + j) * sk + c0) : _mm512_setzero_ps();
+      for (int i = 0; i < L / 2; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < L / 4; ++i) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+      }
+      // r[4 i + m], 128-bit lane l: column 4 l + m of rows 4 i .. 4 i + 3
+      for (int m = 0; m < 4; ++m) {
+        const __m512 a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), b = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+        const __m512 c = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+        const __m512 d = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+        t[m] = _mm512_shuffle_f32x4(a, c, 0x88);       // column m
+        t[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);   // column 8 + m
+        t[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);   // column 4 + m
+        t[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);  // column 12 + m
+      }
+      for (int c = 0; c < cols; ++c) _mm512_storeu_ps(kT + (c0 + c) * NP + j0, t[c]);
+    }
+  }
+}
+#else
+inline void transpose_keys(const float* k, int64_t sk, int N, int D, float* kT, int NP) {
+  for (int c = 0; c < D; ++c) {
+    float* row = kT + c * NP;
+    for (int j = 0; j < N; ++j) row[j] = k[j * sk + c];
+    for (int j = N; j < NP; ++j) row[j] = 0.0f;
+  }
+}
+#endif
+
+struct Item {
+  const float *q, *k, *v, *bias;  // bias rows N floats apart
+  float* out;
+  int64_t sq, sk, sv, so;         // row strides (floats)
+};
+
+// One (image, window, head). kT: scratch [D][NV * L]; p: scratch [ROWS][NV * L].
+template <int NV, int DV, bool FULL_D>
+void attend(const Item& it, int N, int D, float* kT, float* p) {
+  constexpr int NP = NV * L;
+  const int n_tail = N - (NV - 1) * L, d_tail = D - (DV - 1) * L;
+  transpose_keys(it.k, it.sk, N, D, kT, NP);
+  for (int i0 = 0; i0 < N; i0 += ROWS) {
+    const int rows = std::min(ROWS, N - i0);
+    const float* q[ROWS];
+    for (int r = 0; r < ROWS; ++r) q[r] = it.q + std::min(i0 + r, N - 1) * it.sq;
+    // scores of ROWS query rows against every key
+    vf s[ROWS][NV];
+    for (int r = 0; r < ROWS; ++r)
+      for (int t = 0; t < NV; ++t) s[r][t] = splat(0.0f);
+    for (int c = 0; c < D; ++c) {
+      vf kc[NV];
+      for (int t = 0; t < NV; ++t) kc[t] = load(kT + c * NP + t * L);
+      for (int r = 0; r < ROWS; ++r) {
+        const vf a = splat(q[r][c]);
+        for (int t = 0; t < NV; ++t) s[r][t] += a * kc[t];
+      }
+    }
+    // + bias, softmax (unnormalised; the sum divides the output)
+    float inv[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      const float* b = it.bias + std::min(i0 + r, N - 1) * N;
+      for (int t = 0; t < NV - 1; ++t) s[r][t] += load(b + t * L);
+      s[r][NV - 1] += load_tail(b + (NV - 1) * L, n_tail, NEG);
+      vf m = s[r][0];
+      for (int t = 1; t < NV; ++t) m = s[r][t] > m ? s[r][t] : m;
+      const vf top = splat(reduce_max(m));
+      vf sum = splat(0.0f);
+      for (int t = 0; t < NV; ++t) {
+        const vf e = exp_nonpositive(s[r][t] - top);
+        store(p + r * NP + t * L, e);
+        sum += e;
+      }
+      inv[r] = 1.0f / reduce_sum(sum);
+    }
+    // p v
+    vf o[ROWS][DV];
+    for (int r = 0; r < ROWS; ++r)
+      for (int t = 0; t < DV; ++t) o[r][t] = splat(0.0f);
+    for (int j = 0; j < N; ++j) {
+      const float* vj = it.v + j * it.sv;
+      vf vv[DV];
+      for (int t = 0; t < DV - 1; ++t) vv[t] = load(vj + t * L);
+      vv[DV - 1] = FULL_D ? load(vj + (DV - 1) * L) : load_tail(vj + (DV - 1) * L, d_tail, 0.0f);
+      for (int r = 0; r < ROWS; ++r) {
+        const vf a = splat(p[r * NP + j]);
+        for (int t = 0; t < DV; ++t) o[r][t] += a * vv[t];
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      float* out = it.out + (i0 + r) * it.so;
+      const vf scale = splat(inv[r]);
+      for (int t = 0; t < DV - 1; ++t) store(out + t * L, o[r][t] * scale);
+      store_tail(out + (DV - 1) * L, o[r][DV - 1] * scale, d_tail);
+    }
+  }
+}
+
+using Kernel = void (*)(const Item&, int, int, float*, float*);
+
+template <int NV, bool FULL_D>
+Kernel pick_d(int dv) {
+  switch (dv) {
+    case 1: return &attend<NV, 1, FULL_D>;
+    case 2: return &attend<NV, 2, FULL_D>;
+    case 3: return &attend<NV, 3, FULL_D>;
+    default: return &attend<NV, 4, FULL_D>;
+  }
+}
+
+template <bool FULL_D>
+Kernel pick_n(int nv, int dv) {
+  switch (nv) {
+    case 1: return pick_d<1, FULL_D>(dv);
+    case 2: return pick_d<2, FULL_D>(dv);
+    case 3: return pick_d<3, FULL_D>(dv);
+    default: return pick_d<4, FULL_D>(dv);
+  }
+}
+
+Kernel pick(int nv, int dv, bool full_d) { return full_d ? pick_n<true>(nv, dv) : pick_n<false>(nv, dv); }
+
+// q, k, v: [B, W, H, N, D] float32, any strides with D contiguous; bias: [W or 1, H, N, N].
+// Returns [B, W, H, N, D] as a view of a token-major [B, W, N, H, D] tensor.
+at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_) {
+  TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "swinkit.window_attention: q, k, v must be [B, W, H, N, D] of one shape, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "swinkit.window_attention: float32 CPU tensors only, got ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->stride(4) == 1, "swinkit.window_attention: head_dim must be contiguous");
+  }
+  const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
+  TORCH_CHECK(N >= 1 && N <= MAX_VECTORS * L && D >= 1 && D <= MAX_VECTORS * L,
+              "swinkit.window_attention: windows of 1..64 tokens and head_dim 1..64, got N=", N, ", D=", D);
+  const at::Tensor bias = bias_.to(at::kFloat).contiguous();
+  TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == 1 || bias.size(0) == W) && bias.size(1) == H &&
+              bias.size(2) == N && bias.size(3) == N,
+              "swinkit.window_attention: bias must be [W or 1, H, N, N], got ", bias.sizes());
+  at::Tensor out = at::empty({B, W, N, H, D}, q.options());
+  const int nv = (int)((N + L - 1) / L), dv = (int)((D + L - 1) / L);
+  const Kernel kernel = pick(nv, dv, D % L == 0);
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool shared = bias.size(0) == 1;
+  at::parallel_for(0, B * W * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kT(D * nv * L), p(ROWS * nv * L);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t h = index % H, w = (index / H) % W, b = index / (H * W);
+      const Item it{qp + b * q.stride(0) + w * q.stride(1) + h * q.stride(2),
+                    kp + b * k.stride(0) + w * k.stride(1) + h * k.stride(2),
+                    vp + b * v.stride(0) + w * v.stride(1) + h * v.stride(2),
+                    bp + ((shared ? 0 : w) * H + h) * N * N,
+                    op + ((b * W + w) * N * H + h) * D,
+                    q.stride(3), k.stride(3), v.stride(3), H * D};
+      kernel(it, (int)N, (int)D, kT.data(), p.data());
+    }
+  });
+  return out.permute({0, 1, 3, 2, 4});
+}
+
+}  // namespace
+
+TORCH_LIBRARY(swinkit, m) {
+  m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(swinkit, CPU, m) {
+  m.impl("window_attention", &window_attention);
+}

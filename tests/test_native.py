@@ -1,0 +1,147 @@
+"""swinkit's own CPU kernel (`swinkit.native`): window attention against the plain definition, where
+it applies, and what happens where it cannot be built. Agreement only, never timings."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swinkit import native
+from swinkit.models.attention import merge_heads, split_heads, window_attention
+
+
+
+@pytest.fixture
+def kernels():
+    """Built (once per test session, in its cache folder) and loaded, or the test is skipped."""
+    if not native.kernels_available():
+        pytest.skip("swinkit's kernels could not be built here")
+
+
+def _qkv(batch, windows, heads, tokens, head_dim, seed=0):
+    """q, k, v as the model hands them over: strided head views of one fused projection."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = heads * head_dim
+    qkv = torch.randn(batch, windows * tokens, 3 * dim, generator=generator) * 1.5
+    side = int(tokens ** 0.5)
+    if side * side == tokens:
+        return tuple(split_heads(t, side, heads) for t in qkv.chunk(3, dim=-1))
+    return tuple(t.view(batch, windows, tokens, heads, head_dim).transpose(2, 3) for t in qkv.chunk(3, dim=-1))
+
+
+def _bias(windows, heads, tokens, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    bias = torch.randn(windows, heads, tokens, tokens, generator=generator)
+    bias[..., : max(1, tokens // 5)] += -100.0  # a shift mask's keys
+    bias[..., -1] = -10000.0 if tokens > 1 else 0.0  # a padded key
+    return bias
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("tokens,head_dim", [(49, 32), (64, 32), (16, 8), (1, 4), (17, 24), (33, 64), (49, 40)])
+@pytest.mark.parametrize("per_window", [False, True])
+def test_kernel_equals_plain_definition(tokens, head_dim, per_window):
+    """Every register-block shape: 1-4 vectors of keys, 1-4 of head_dim, partial ones, rows not a
+    multiple of the block, shared and per-window bias, masked keys."""
+    batch, windows, heads = 2, 3, 2
+    q, k, v = _qkv(batch, windows, heads, tokens, head_dim)
+    bias = _bias(windows if per_window else 1, heads, tokens)
+    assert native.window_attention_applies(q, bias)
+    got = native.window_attention(q, k, v, bias)
+    expected = window_attention(q, k, v, bias, 1.0, cosine=False)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    merged = merge_heads(got)
+    assert merged.data_ptr() == got.data_ptr()  # token-major: merging the heads is a view
+    torch.testing.assert_close(merged, merge_heads(expected), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("kernels")
+def test_kernel_takes_any_strides_and_contiguous_inputs():
+    q, k, v = _qkv(1, 4, 3, 49, 32)
+    bias = _bias(4, 3, 49)
+    expected = window_attention(q, k, v, bias, 1.0, cosine=False)
+    contiguous = [t.contiguous() for t in (q, k, v)]
+    torch.testing.assert_close(native.window_attention(*contiguous, bias), expected, atol=2e-5, rtol=1e-5)
+    # bias in another dtype / not contiguous: converted, not misread
+    odd_bias = bias.double().transpose(-1, -2).contiguous().transpose(-1, -2)
+    torch.testing.assert_close(native.window_attention(q, k, v, odd_bias), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("cosine", [False, True])
+def test_fused_window_attention_uses_the_kernel(monkeypatch, cosine):
+    """`window_attention(fused=True)` in fp32 on the CPU runs the kernel (v2: on normalised q, k with the
+    temperature on q) and agrees with the plain matmuls; SDPA is not called."""
+    import torch.nn.functional as F
+    calls = []
+    monkeypatch.setattr(native, "window_attention", lambda *a, _f=native.window_attention: calls.append(1) or _f(*a))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("SDPA called"))
+    q, k, v = _qkv(2, 4, 3, 49, 32)
+    bias = _bias(4, 3, 49)
+    temperature = torch.rand(3, 1, 1) * 10 if cosine else 32 ** -0.5
+    plain = window_attention(q, k, v, bias, temperature, cosine)
+    fused = window_attention(q, k, v, bias, temperature, cosine, fused=True)
+    assert calls == [1]
+    torch.testing.assert_close(fused, plain, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("kernels")
+def test_kernel_applies_only_where_it_can():
+    q, k, v = _qkv(1, 2, 2, 49, 32)
+    bias = _bias(2, 2, 49)
+    assert native.window_attention_applies(q, bias)
+    assert not native.window_attention_applies(q.bfloat16(), bias)  # fp32 only
+    big = _qkv(1, 1, 1, 144, 32)[0]  # 12x12 windows: SDPA
+    assert not native.window_attention_applies(big, _bias(1, 1, 144))
+    wide = _qkv(1, 1, 1, 49, 80)[0]
+    assert not native.window_attention_applies(wide, bias)
+    leaf = q.detach().clone().requires_grad_()
+    assert not native.window_attention_applies(leaf, bias)  # autograd: the kernel has no backward
+    with torch.no_grad():
+        assert native.window_attention_applies(leaf, bias)
+
+
+@pytest.mark.usefixtures("kernels")
+def test_kernel_rejects_bad_input_with_its_name():
+    q, k, v = _qkv(1, 2, 2, 49, 32)
+    bias = _bias(2, 2, 49)
+    with pytest.raises(RuntimeError, match="swinkit.window_attention: float32"):
+        native.window_attention(q.double(), k.double(), v.double(), bias)
+    with pytest.raises(RuntimeError, match="swinkit.window_attention: bias must be"):
+        native.window_attention(q, k, v, bias[:, :, :48])
+    with pytest.raises(RuntimeError, match="swinkit.window_attention: windows of 1..64 tokens"):
+        big = _qkv(1, 1, 1, 81, 32)
+        native.window_attention(*big, _bias(1, 1, 81))
+
+
+def test_switched_off_or_unbuildable_kernels_leave_pytorchs_path(monkeypatch, tmp_path):
+    """`SWINKIT_NATIVE=0`: no kernel, the fused attention runs SDPA. A source that does not compile: one
+    warning naming the failure, no kernel, same results."""
+    q, k, v = _qkv(1, 2, 2, 16, 8)
+    bias = _bias(2, 2, 16)
+    expected = window_attention(q, k, v, bias, 1.0, cosine=False)
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native.kernels_available() and not native.window_attention_applies(q, bias)
+    torch.testing.assert_close(window_attention(q, k, v, bias, 1.0, False, fused=True), expected, atol=2e-5, rtol=0)
+    monkeypatch.delenv(native.ENV)
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCES", (broken,))
+    monkeypatch.setattr(native, "_status", None)  # not tried yet in this process (restored afterwards)
+    monkeypatch.setenv("SWINKIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert not native.kernels_available()
+    assert not native.kernels_available()  # decided once per process
+    torch.testing.assert_close(window_attention(q, k, v, bias, 1.0, False, fused=True), expected, atol=2e-5, rtol=0)
+
+
+def test_build_key_follows_source_and_machine(monkeypatch, tmp_path):
+    """A changed source or another CPU gets its own build (an -march=native binary may not run elsewhere)."""
+    key = native.build_key()
+    assert native.build_key() == key
+    monkeypatch.setattr(native, "cpu_info", lambda: ("Another CPU", frozenset({"avx2"})))
+    other_cpu = native.build_key()
+    assert other_cpu != key
+    changed = tmp_path / "changed.cpp"
+    changed.write_text("// another kernel\n")
+    monkeypatch.setattr(native, "SOURCES", (changed,))
+    assert native.build_key() not in (key, other_cpu)
