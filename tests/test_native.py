@@ -55,6 +55,22 @@ def test_kernel_equals_plain_definition(tokens, head_dim, per_window):
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("tokens,head_dim", [(49, 32), (16, 8), (17, 24)])
+def test_kernel_in_bf16_is_fp32_arithmetic_rounded_once(tokens, head_dim):
+    """bf16 in and out: the fp32 result on the same bf16 inputs, rounded to bf16 once (within one bf16
+    step of it), and no further from it than the plain definition run in bf16."""
+    q, k, v = (t.bfloat16() for t in _qkv(2, 3, 2, tokens, head_dim))
+    bias = _bias(3, 2, tokens).bfloat16()
+    got = native.window_attention(q, k, v, bias)
+    assert got.dtype == torch.bfloat16
+    exact = window_attention(q.float(), k.float(), v.float(), bias.float(), 1.0, cosine=False)
+    step = exact.abs().clamp(min=2 ** -126) * 2 ** -8  # one bf16 rounding of the output
+    assert ((got.float() - exact).abs() <= step).all()
+    plain = window_attention(q, k, v, bias, 1.0, cosine=False).float()
+    assert (got.float() - exact).abs().max() <= (plain - exact).abs().max()
+
+
+@pytest.mark.usefixtures("kernels")
 def test_kernel_takes_any_strides_and_contiguous_inputs():
     q, k, v = _qkv(1, 4, 3, 49, 32)
     bias = _bias(4, 3, 49)
@@ -89,7 +105,8 @@ def test_kernel_applies_only_where_it_can():
     q, k, v = _qkv(1, 2, 2, 49, 32)
     bias = _bias(2, 2, 49)
     assert native.window_attention_applies(q, bias)
-    assert not native.window_attention_applies(q.bfloat16(), bias)  # fp32 only
+    assert native.window_attention_applies(q.bfloat16(), bias)
+    assert not native.window_attention_applies(q.half(), bias)  # fp32 and bf16 only
     big = _qkv(1, 1, 1, 144, 32)[0]  # 12x12 windows: SDPA
     assert not native.window_attention_applies(big, _bias(1, 1, 144))
     wide = _qkv(1, 1, 1, 49, 80)[0]
@@ -104,8 +121,10 @@ def test_kernel_applies_only_where_it_can():
 def test_kernel_rejects_bad_input_with_its_name():
     q, k, v = _qkv(1, 2, 2, 49, 32)
     bias = _bias(2, 2, 49)
-    with pytest.raises(RuntimeError, match="swinkit.window_attention: float32"):
+    with pytest.raises(RuntimeError, match="swinkit.window_attention: float32 or bfloat16"):
         native.window_attention(q.double(), k.double(), v.double(), bias)
+    with pytest.raises(RuntimeError, match="of one dtype"):
+        native.window_attention(q, k.bfloat16(), v, bias)
     with pytest.raises(RuntimeError, match="swinkit.window_attention: bias must be"):
         native.window_attention(q, k, v, bias[:, :, :48])
     with pytest.raises(RuntimeError, match="swinkit.window_attention: windows of 1..64 tokens"):

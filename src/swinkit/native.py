@@ -1,6 +1,6 @@
 """swinkit's own CPU kernels (`csrc/`), compiled for this machine on first use.
 
-One kernel so far: window attention for windows of up to 64 tokens (7x7, 8x8) in fp32,
+One kernel so far: window attention for windows of up to 64 tokens (7x7, 8x8), fp32 or bf16 in and out,
 `torch.ops.swinkit.window_attention(q, k, v, bias)`. It keeps the scores of four query rows in
 registers from q k^T through the softmax to p v, one (image, window, head) at a time, reading q, k
 and v where they lie (strided slices of the qkv projection) and writing token-major output. Swin-T
@@ -39,6 +39,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp")
 ENV = "SWINKIT_NATIVE"
 MAX_WINDOW_TOKENS = 64  # the kernel's limits (N and head_dim)
 MAX_HEAD_DIM = 64
+DTYPES = (torch.float32, torch.bfloat16)  # of q, k, v and the output; the arithmetic is fp32 throughout
 
 
 def build_key() -> str:
@@ -108,15 +109,16 @@ def _window_attention_shape(q, k, v, bias):
 
 
 def window_attention_applies(q: torch.Tensor, attn_bias: torch.Tensor) -> bool:
-    """Whether `window_attention` takes these inputs (`[B, W, H, N, D]` q): float32 on the CPU, N and D up
-    to 64, no autograd; the kernels enabled and built."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and attn_bias.device.type == "cpu"
+    """Whether `window_attention` takes these inputs (`[B, W, H, N, D]` q): float32 or bfloat16 on the CPU,
+    N and D up to 64, no autograd; the kernels enabled and built."""
+    return (q.device.type == "cpu" and q.dtype in DTYPES and attn_bias.device.type == "cpu"
             and q.shape[-2] <= MAX_WINDOW_TOKENS and q.shape[-1] <= MAX_HEAD_DIM
             and not (torch.is_grad_enabled() and q.requires_grad) and kernels_available())
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T + attn_bias) v per window and head: q, k, v `[B, W, H, N, D]` float32 (D contiguous,
-    other strides free), attn_bias `[W or 1, H, N, N]`. Returns `[B, W, H, N, D]`, a view of token-major
+    """softmax(q k^T + attn_bias) v per window and head: q, k, v `[B, W, H, N, D]` of one dtype in `DTYPES`
+    (D contiguous, other strides free), attn_bias `[W or 1, H, N, N]` (cast to q's dtype); scores and
+    probabilities in fp32, a bf16 output rounded once. Returns `[B, W, H, N, D]`, a view of token-major
     memory `[B, W, N, H, D]`. Only where `window_attention_applies`."""
     return torch.ops.swinkit.window_attention(q, k, v, attn_bias)

@@ -1,15 +1,17 @@
-// Window attention for small windows on the CPU, fp32: one kernel per (image, window, head) that keeps
-// the scores of a block of query rows in registers from q k^T through the softmax to p v.
+// Window attention for small windows on the CPU: one kernel per (image, window, head) that keeps the
+// scores of a block of query rows in registers from q k^T through the softmax to p v. Inputs and output
+// in fp32 or bf16; arithmetic, scores and probabilities always in fp32 (bf16 is rounded once, on output).
 //
 //   out[i] = softmax_j(q[i] . k[j] + bias[i, j]) v[j]        i, j < N <= 64, head_dim D <= 64
 //
 // Built on first use by `swinkit.native` (torch.utils.cpp_extension, -O3 -march=native -fopenmp) and
 // registered as torch.ops.swinkit.window_attention; the Python side (`models.attention`) decides when it
-// runs (CPU, float32, no autograd, not under an exporter) and otherwise calls scaled_dot_product_attention.
+// runs (CPU, fp32/bf16, no autograd, not under an exporter) and otherwise calls scaled_dot_product_attention.
 // Written with GCC/Clang vector extensions (16 lanes: one AVX-512 register, two AVX2 ones), AVX-512
 // masked loads where the compiler targets it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,6 +51,44 @@ inline void store_tail(float* p, vf x, int n) {
 #else
   std::memcpy(p, &x, n * sizeof(float));
 #endif
+}
+
+// bf16 <-> fp32: bf16 is the upper half of an fp32; rounding to nearest even on the way back.
+typedef unsigned int vu __attribute__((vector_size(L * sizeof(unsigned int))));
+typedef unsigned short vh __attribute__((vector_size(L * sizeof(unsigned short))));
+using bf16 = c10::BFloat16;
+
+inline vf widen(vh h) {
+  const vu bits = __builtin_convertvector(h, vu) << 16;
+  vf x;
+  std::memcpy(&x, &bits, sizeof(vf));
+  return x;
+}
+
+inline vh narrow(vf x) {
+  vu bits;
+  std::memcpy(&bits, &x, sizeof(vf));
+  const vu rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vu nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return __builtin_convertvector(nan ? ((bits >> 16) | 0x40u) : rounded, vh);
+}
+
+inline float scalar(float x) { return x; }
+inline float scalar(bf16 x) { return static_cast<float>(x); }
+
+inline vf load(const bf16* p) { vh h; std::memcpy(&h, p, sizeof(vh)); return widen(h); }
+inline void store(bf16* p, vf x) { const vh h = narrow(x); std::memcpy(p, &h, sizeof(vh)); }
+
+inline vf load_tail(const bf16* p, int n, float fill) {
+  vh h = {};
+  std::memcpy(&h, p, n * sizeof(bf16));
+  vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return lane < n ? widen(h) : splat(fill);
+}
+
+inline void store_tail(bf16* p, vf x, int n) {
+  const vh h = narrow(x);
+  std::memcpy(p, &h, n * sizeof(bf16));
 }
 
 inline float reduce_max(vf x) {
@@ -93,17 +133,23 @@ inline vf exp_nonpositive(vf x) {
   return under ? splat(0.0f) : p * scale;
 }
 
-// kT[c][j] = k[j][c] for c < D, j < N (rows of k `sk` floats apart); columns N..NP of kT are zeroed.
-#ifdef __AVX512F__
+// kT[c][j] = k[j][c] for c < D, j < N (rows of k `sk` elements apart); columns N..NP of kT are zeroed.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512 load_columns(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_columns(const bf16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
 // 16 x 16 blocks: two rounds of in-lane unpacks/shuffles, two of 128-bit lane shuffles.
-inline void transpose_keys(const float* k, int64_t sk, int N, int D, float* kT, int NP) {
+template <typename T>
+void transpose_keys(const T* k, int64_t sk, int N, int D, float* kT, int NP) {
   for (int j0 = 0; j0 < NP; j0 += L) {
     for (int c0 = 0; c0 < D; c0 += L) {
       const int cols = std::min(L, D - c0);
       const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
       __m512 r[L], t[L];
       for (int j = 0; j < L; ++j)
-        r[j] = j0 + j < N ? _mm512_maskz_loadu_ps(mask, k + (j0 + j) * sk + c0) : _mm512_setzero_ps();
+        r[j] = j0 + j < N ? load_columns(k + (j0 + j) * sk + c0, mask) : _mm512_setzero_ps();
       for (int i = 0; i < L / 2; ++i) {
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -129,30 +175,32 @@ inline void transpose_keys(const float* k, int64_t sk, int N, int D, float* kT, 
   }
 }
 #else
-inline void transpose_keys(const float* k, int64_t sk, int N, int D, float* kT, int NP) {
+template <typename T>
+void transpose_keys(const T* k, int64_t sk, int N, int D, float* kT, int NP) {
   for (int c = 0; c < D; ++c) {
     float* row = kT + c * NP;
-    for (int j = 0; j < N; ++j) row[j] = k[j * sk + c];
+    for (int j = 0; j < N; ++j) row[j] = scalar(k[j * sk + c]);
     for (int j = N; j < NP; ++j) row[j] = 0.0f;
   }
 }
 #endif
 
+template <typename T>
 struct Item {
-  const float *q, *k, *v, *bias;  // bias rows N floats apart
-  float* out;
-  int64_t sq, sk, sv, so;         // row strides (floats)
+  const T *q, *k, *v, *bias;  // bias rows N elements apart
+  T* out;
+  int64_t sq, sk, sv, so;     // row strides (elements)
 };
 
 // One (image, window, head). kT: scratch [D][NV * L]; p: scratch [ROWS][NV * L].
-template <int NV, int DV, bool FULL_D>
-void attend(const Item& it, int N, int D, float* kT, float* p) {
+template <typename T, int NV, int DV, bool FULL_D>
+void attend(const Item<T>& it, int N, int D, float* kT, float* p) {
   constexpr int NP = NV * L;
   const int n_tail = N - (NV - 1) * L, d_tail = D - (DV - 1) * L;
   transpose_keys(it.k, it.sk, N, D, kT, NP);
   for (int i0 = 0; i0 < N; i0 += ROWS) {
     const int rows = std::min(ROWS, N - i0);
-    const float* q[ROWS];
+    const T* q[ROWS];
     for (int r = 0; r < ROWS; ++r) q[r] = it.q + std::min(i0 + r, N - 1) * it.sq;
     // scores of ROWS query rows against every key
     vf s[ROWS][NV];
@@ -162,14 +210,14 @@ void attend(const Item& it, int N, int D, float* kT, float* p) {
       vf kc[NV];
       for (int t = 0; t < NV; ++t) kc[t] = load(kT + c * NP + t * L);
       for (int r = 0; r < ROWS; ++r) {
-        const vf a = splat(q[r][c]);
+        const vf a = splat(scalar(q[r][c]));
         for (int t = 0; t < NV; ++t) s[r][t] += a * kc[t];
       }
     }
     // + bias, softmax (unnormalised; the sum divides the output)
     float inv[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-      const float* b = it.bias + std::min(i0 + r, N - 1) * N;
+      const T* b = it.bias + std::min(i0 + r, N - 1) * N;
       for (int t = 0; t < NV - 1; ++t) s[r][t] += load(b + t * L);
       s[r][NV - 1] += load_tail(b + (NV - 1) * L, n_tail, NEG);
       vf m = s[r][0];
@@ -188,7 +236,7 @@ void attend(const Item& it, int N, int D, float* kT, float* p) {
     for (int r = 0; r < ROWS; ++r)
       for (int t = 0; t < DV; ++t) o[r][t] = splat(0.0f);
     for (int j = 0; j < N; ++j) {
-      const float* vj = it.v + j * it.sv;
+      const T* vj = it.v + j * it.sv;
       vf vv[DV];
       for (int t = 0; t < DV - 1; ++t) vv[t] = load(vj + t * L);
       vv[DV - 1] = FULL_D ? load(vj + (DV - 1) * L) : load_tail(vj + (DV - 1) * L, d_tail, 0.0f);
@@ -198,7 +246,7 @@ void attend(const Item& it, int N, int D, float* kT, float* p) {
       }
     }
     for (int r = 0; r < rows; ++r) {
-      float* out = it.out + (i0 + r) * it.so;
+      T* out = it.out + (i0 + r) * it.so;
       const vf scale = splat(inv[r]);
       for (int t = 0; t < DV - 1; ++t) store(out + t * L, o[r][t] * scale);
       store_tail(out + (DV - 1) * L, o[r][DV - 1] * scale, d_tail);
@@ -206,68 +254,79 @@ void attend(const Item& it, int N, int D, float* kT, float* p) {
   }
 }
 
-using Kernel = void (*)(const Item&, int, int, float*, float*);
+template <typename T>
+using Kernel = void (*)(const Item<T>&, int, int, float*, float*);
 
-template <int NV, bool FULL_D>
-Kernel pick_d(int dv) {
+template <typename T, int NV, bool FULL_D>
+Kernel<T> pick_d(int dv) {
   switch (dv) {
-    case 1: return &attend<NV, 1, FULL_D>;
-    case 2: return &attend<NV, 2, FULL_D>;
-    case 3: return &attend<NV, 3, FULL_D>;
-    default: return &attend<NV, 4, FULL_D>;
+    case 1: return &attend<T, NV, 1, FULL_D>;
+    case 2: return &attend<T, NV, 2, FULL_D>;
+    case 3: return &attend<T, NV, 3, FULL_D>;
+    default: return &attend<T, NV, 4, FULL_D>;
   }
 }
 
-template <bool FULL_D>
-Kernel pick_n(int nv, int dv) {
+template <typename T, bool FULL_D>
+Kernel<T> pick_n(int nv, int dv) {
   switch (nv) {
-    case 1: return pick_d<1, FULL_D>(dv);
-    case 2: return pick_d<2, FULL_D>(dv);
-    case 3: return pick_d<3, FULL_D>(dv);
-    default: return pick_d<4, FULL_D>(dv);
+    case 1: return pick_d<T, 1, FULL_D>(dv);
+    case 2: return pick_d<T, 2, FULL_D>(dv);
+    case 3: return pick_d<T, 3, FULL_D>(dv);
+    default: return pick_d<T, 4, FULL_D>(dv);
   }
 }
 
-Kernel pick(int nv, int dv, bool full_d) { return full_d ? pick_n<true>(nv, dv) : pick_n<false>(nv, dv); }
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, at::Tensor& out) {
+  const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
+  const int nv = (int)((N + L - 1) / L), dv = (int)((D + L - 1) / L);
+  const Kernel<T> kernel = D % L == 0 ? pick_n<T, true>(nv, dv) : pick_n<T, false>(nv, dv);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *bp = bias.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const bool shared = bias.size(0) == 1;
+  at::parallel_for(0, B * W * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kT(D * nv * L), p(ROWS * nv * L);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t h = index % H, w = (index / H) % W, b = index / (H * W);
+      const Item<T> it{qp + b * q.stride(0) + w * q.stride(1) + h * q.stride(2),
+                       kp + b * k.stride(0) + w * k.stride(1) + h * k.stride(2),
+                       vp + b * v.stride(0) + w * v.stride(1) + h * v.stride(2),
+                       bp + ((shared ? 0 : w) * H + h) * N * N,
+                       op + ((b * W + w) * N * H + h) * D,
+                       q.stride(3), k.stride(3), v.stride(3), H * D};
+      kernel(it, (int)N, (int)D, kT.data(), p.data());
+    }
+  });
+}
 
-// q, k, v: [B, W, H, N, D] float32, any strides with D contiguous; bias: [W or 1, H, N, N].
+// q, k, v: [B, W, H, N, D] float32 or bfloat16 (one dtype), any strides with D contiguous;
+// bias: [W or 1, H, N, N] (cast to q's dtype).
 // Returns [B, W, H, N, D] as a view of a token-major [B, W, N, H, D] tensor.
 at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_) {
   TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "swinkit.window_attention: q, k, v must be [B, W, H, N, D] of one shape, got ", q.sizes(), ", ",
               k.sizes(), ", ", v.sizes());
   for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
-                "swinkit.window_attention: float32 CPU tensors only, got ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "swinkit.window_attention: float32 or bfloat16 CPU tensors of one dtype, got ", t->scalar_type(),
+                " on ", t->device());
     TORCH_CHECK(t->stride(4) == 1, "swinkit.window_attention: head_dim must be contiguous");
   }
   const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
   TORCH_CHECK(N >= 1 && N <= MAX_VECTORS * L && D >= 1 && D <= MAX_VECTORS * L,
               "swinkit.window_attention: windows of 1..64 tokens and head_dim 1..64, got N=", N, ", D=", D);
-  const at::Tensor bias = bias_.to(at::kFloat).contiguous();
+  const at::Tensor bias = bias_.to(q.scalar_type()).contiguous();
   TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == 1 || bias.size(0) == W) && bias.size(1) == H &&
               bias.size(2) == N && bias.size(3) == N,
               "swinkit.window_attention: bias must be [W or 1, H, N, N], got ", bias.sizes());
   at::Tensor out = at::empty({B, W, N, H, D}, q.options());
-  const int nv = (int)((N + L - 1) / L), dv = (int)((D + L - 1) / L);
-  const Kernel kernel = pick(nv, dv, D % L == 0);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float* bp = bias.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const bool shared = bias.size(0) == 1;
-  at::parallel_for(0, B * W * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kT(D * nv * L), p(ROWS * nv * L);
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t h = index % H, w = (index / H) % W, b = index / (H * W);
-      const Item it{qp + b * q.stride(0) + w * q.stride(1) + h * q.stride(2),
-                    kp + b * k.stride(0) + w * k.stride(1) + h * k.stride(2),
-                    vp + b * v.stride(0) + w * v.stride(1) + h * v.stride(2),
-                    bp + ((shared ? 0 : w) * H + h) * N * N,
-                    op + ((b * W + w) * N * H + h) * D,
-                    q.stride(3), k.stride(3), v.stride(3), H * D};
-      kernel(it, (int)N, (int)D, kT.data(), p.data());
-    }
-  });
+  if (q.scalar_type() == at::kFloat) {
+    run<float>(q, k, v, bias, out);
+  } else {
+    run<bf16>(q, k, v, bias, out);
+  }
   return out.permute({0, 1, 3, 2, 4});
 }
 
