@@ -77,3 +77,23 @@ def test_the_fast_path_keeps_freed_memory_unless_turned_off(explicit_off):
         print(before, allocator.freed_memory_kept())
     """)
     assert printed == ("False False" if explicit_off else "False True")
+
+
+def test_keeping_freed_memory_for_a_block_then_glibcs_defaults_again():
+    """What the trainer does where no budget binds: kept inside, given back after (and the fast path may
+    still turn keeping on later: the block leaves no explicit choice behind); an explicit off is respected."""
+    printed = _python("""
+        with allocator.keeping_freed_memory():
+            cycle()
+            inside, _ = cycle()
+            kept_inside = allocator.freed_memory_kept()
+        after, _ = cycle()
+        allocator.ensure_freed_memory_kept()
+        later = allocator.freed_memory_kept()
+        allocator.keep_freed_memory(False)
+        with allocator.keeping_freed_memory():
+            cycle()
+            refused, _ = cycle()
+        print(inside < 16 << 20, kept_inside, after > 64 << 20, later, refused > 64 << 20)
+    """)
+    assert printed == "True True True True True"

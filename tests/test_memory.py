@@ -212,6 +212,7 @@ def test_bench_train_smoke(monkeypatch):
             assert key in row
         assert row["max_batch"] == 1 and row["capped"] and row["img_per_s"] > 0
         assert row["returns_freed_memory"] is False  # 24 GB does not bind: as `swinkit train`, glibc keeps it
+        assert row["allocator"] == "keep"
         assert row["dtype"] == "fp32" and row["peak_gflops"] == fp32_peak > 0 and row["gflops"] > 0
         assert row["pct_peak"] == pytest.approx(100 * row["gflops"] / fp32_peak, abs=0.1)
     assert rows[0]["batch_ratio"] == 1.0
@@ -228,6 +229,7 @@ def test_bench_train_handles_the_over_budget_exit(monkeypatch):
     report = bench_train(TINY, "1MB", ["none"], steps=1, max_batch=2, threads=1, measure_peak=False)
     assert len(probes) == 2 and probes[0].fits  # the baseline child, then batch 1
     assert not probes[1].fits and probes[1].result["over_budget"] and probes[1].result["returns_freed_memory"]
+    assert probes[1].result["allocator"] == "return"
     row = report["rows"][0]
     assert row["max_batch"] == 0 and row["img_per_s"] is None
     assert "none fit" in format_table(report)
@@ -267,22 +269,26 @@ def test_a_tight_budget_returns_freed_memory(tiny, profile):
 
 
 def test_trainer_returns_freed_memory_only_where_the_budget_binds(tmp_path, monkeypatch):
-    """`swinkit train --memory-budget`: a far budget trains with glibc's defaults (the decision is logged)."""
+    """`swinkit train --memory-budget`: a far budget (or none) trains with glibc keeping freed memory for
+    reuse, a binding one returns it to the OS (the decision is logged)."""
     from contextlib import nullcontext
     from swinkit.cli import main
     from swinkit.train import trainer
-    entered = []
+    entered, kept = [], []
     monkeypatch.setattr(trainer, "returning_freed_memory", lambda: entered.append(True) or nullcontext())
+    monkeypatch.setattr(trainer, "keeping_freed_memory", lambda: kept.append(True) or nullcontext())
     plans = []
     real_apply = memory.apply_memory_budget
     monkeypatch.setattr(memory, "apply_memory_budget", lambda *a, **k: plans.append(real_apply(*a, **k)) or plans[-1])
     common = ["train", "--synthetic", "--model", TINY, "--batch-size", "4", "--max-steps", "1", "--workers", "0",
               "--set", "data.val_split=null"]
     assert main([*common, "--output", str(tmp_path / "far"), "--memory-budget", "64GB"]) == 0
-    assert not plans[-1].return_freed_memory and entered == []
+    assert not plans[-1].return_freed_memory and entered == [] and kept == [True]
+    assert main([*common, "--output", str(tmp_path / "none")]) == 0  # no budget: kept too
+    assert entered == [] and kept == [True, True]
     monkeypatch.setattr(memory, "GLIBC_SLACK", 1e6)  # glibc's caching would now overflow any budget: it binds
     assert main([*common, "--output", str(tmp_path / "binds"), "--memory-budget", "64GB"]) == 0
-    assert plans[-1].return_freed_memory and entered == [True]
+    assert plans[-1].return_freed_memory and entered == [True] and kept == [True, True]
 
 
 def test_apply_memory_budget_sets_the_plan_and_logs_it():

@@ -18,8 +18,9 @@ swinkit and, with `--compare timm`, for timm's model of the same architecture, w
 training gets a row of its own.
 
 Each swinkit child treats the allocator as `swinkit train` would at its batch: freed memory goes
-back to the OS only where the budget binds (`train.memory.budget_binds` on the planner's estimate);
-timm's children run with glibc's defaults, as timm does. swinkit's children flush denormals to zero
+back to the OS where the budget binds (`train.memory.budget_binds` on the planner's estimate) and
+is kept for reuse otherwise (`allocator.keeping_freed_memory`); timm's children run with glibc's
+defaults, as timm does. swinkit's children flush denormals to zero
 as `swinkit train` does (`precision.flush_denormals`); timm's run in the process's default float mode
 (`--compare timm`) or flushed too (`--compare timm-ftz`), so both effects can be told apart. After the children, the machine's GEMM
 peaks are measured on the model's linear shapes at each row's batch (`machine.measure_peaks`) and
@@ -45,7 +46,7 @@ from .machine import format_peaks, linear_shapes, load_average, machine_info, me
 from .train_child import OVER_BUDGET_EXIT, SETTINGS, build_model
 
 ROW_KEYS = ("setting", "impl", "max_batch", "s_per_step", "img_per_s", "batch_ratio", "throughput_pct",
-            "peak_bytes", "saved_bytes_per_image", "plan", "capped", "returns_freed_memory", "dtype", "gflops",
+            "peak_bytes", "saved_bytes_per_image", "plan", "capped", "returns_freed_memory", "allocator", "dtype", "gflops",
             "peak_gflops", "pct_peak")
 
 
@@ -69,15 +70,14 @@ class ChildError(RuntimeError):
 def run_child(model: str, batch: int, *, setting: str = "none", budget: int | None = None, steps: int = 1,
               warmup: int = 1, plan: list[str] | None = None, impl: str = "swinkit", img_size: int | None = None,
               device: str = "cpu", threads: int | None = None, timeout: float | None = None,
-              return_freed_memory: bool = True, denormals: str | None = None) -> Probe:
-    """Train `batch` images per step in a fresh process and read back its measurements
-    (`return_freed_memory` False: glibc keeps freed memory, `--keep-freed-memory`; `denormals` "flush" or
-    "default", None: the child's default for `impl`)."""
+              allocator: str = "return", denormals: str | None = None) -> Probe:
+    """Train `batch` images per step in a fresh process and read back its measurements (`allocator`: the
+    child's `--allocator`, "return" / "keep" / "glibc"; `denormals` "flush" or "default", None: the child's
+    default for `impl`)."""
     command = [sys.executable, "-m", "swinkit.bench.train_child", "--model", model, "--batch", str(batch),
                "--steps", str(steps), "--warmup", str(warmup), "--setting", setting, "--impl", impl,
                "--device", device]
-    if not return_freed_memory:
-        command.append("--keep-freed-memory")
+    command += ["--allocator", allocator]
     if denormals:
         command += ["--denormals", denormals]
     if budget:
@@ -209,14 +209,16 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
         def probe(candidate, steps_=1, setting=setting, impl=impl, amp=amp, recompute=recompute, denormals=denormals):
             plan = planner.plan(candidate, amp) if recompute else None
             returning = impl == "swinkit" and (device != "cpu" or planner.binds(candidate, amp, plan))
+            allocator = "glibc" if impl != "swinkit" else "return" if returning else "keep"
             result = run_child(model_name, candidate, setting=setting, budget=budget, steps=steps_, plan=plan,
-                               impl=impl, return_freed_memory=returning, denormals=denormals, **child)
+                               impl=impl, allocator=allocator, denormals=denormals, **child)
             result.result["returns_freed_memory"] = returning
+            result.result["allocator"] = allocator
             if impl == "swinkit":
                 planner.saw(result.result)
             log(f"  {impl} {setting:<13} batch {candidate:>5}: "
                 + (f"peak {format_size(result.result['peak_bytes'])}" if result.fits else "over budget")
-                + ("" if returning else ", freed memory kept (glibc)"))
+                + {"return": "", "keep": ", freed memory kept", "glibc": ", glibc's defaults"}[allocator])
             return result
 
         if batch is not None:
@@ -239,7 +241,8 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
                "plan": _plan_summary(best.result.get("plan")) if best else None,
                "capped": bool(best and batch is None and best.batch >= max_batch),
                "lean": best.result.get("lean") if best else None,
-               "returns_freed_memory": best.result["returns_freed_memory"] if best else None}
+               "returns_freed_memory": best.result["returns_freed_memory"] if best else None,
+               "allocator": best.result["allocator"] if best else None}
         if impl == "swinkit" and best:
             modes = best.result.get("plan") or ["none"] * len(model.blocks())
             row["saved_bytes_per_image"] = planner.profile(amp).activation_bytes(modes)
@@ -310,7 +313,7 @@ def format_table(report: dict) -> str:
     for row in report["rows"]:
         batch = f"{row['max_batch']}{'+' if row['capped'] else ''}" if row["max_batch"] else "none fit"
         saved = row.get("saved_bytes_per_image")
-        freed = {True: "to the OS", False: "kept"}.get(row.get("returns_freed_memory"), "-")
+        freed = {"return": "to the OS", "keep": "kept", "glibc": "glibc"}.get(row.get("allocator"), "-")
         pct = "-" if row.get("pct_peak") is None else f"{row['pct_peak']:.0f}% {row['dtype']}"
         lines.append(
             f"| {row['setting']:<14} | {batch:>9} | {_fmt(row['s_per_step'], '{:.2f}'):>7} | "
@@ -326,9 +329,12 @@ def format_table(report: dict) -> str:
     lines.append(line)
     if any(r["capped"] for r in report["rows"]):
         lines.append("+ the search stopped at --max-batch; the budget holds more")
-    if any(row.get("returns_freed_memory") is False for row in report["rows"] if row["impl"] == "swinkit"):
+    if any(row.get("allocator") == "keep" for row in report["rows"]):
         lines.append("freed mem 'kept': the budget does not bind at that batch (train.memory.budget_binds), so "
-                     "glibc keeps freed memory, as `swinkit train` then does")
+                     "glibc keeps freed memory for reuse (allocator.keeping_freed_memory), as `swinkit train` "
+                     "then does")
+    if any(row.get("allocator") == "glibc" for row in report["rows"]):
+        lines.append("freed mem 'glibc': glibc's defaults, as timm's own training runs")
     by_setting = {r["setting"]: r for r in report["rows"]}
     amp_row = by_setting.get("amp")
     gemm = (peaks.get(amp_row["max_batch"]) or {}).get("peak_gflops", {}) if amp_row else {}

@@ -2,6 +2,7 @@
 
     python -m swinkit.bench.train_child --model NAME --batch B [--steps N] [--setting none|amp|recompute|...]
                                         [--plan MODES] [--budget BYTES] [--impl swinkit|timm]
+                                        [--allocator return|keep|glibc]
 
 Runs `warmup + steps` real training steps (AdamW, cross-entropy, synthetic data) and prints one
 JSON line: peak bytes (CPU: the process's resident high-water mark, VmHWM; CUDA: the allocator's
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from ..precision import amp_dtype, denormals_flushed, flush_denormals
 from ..sysinfo import peak_rss, process_rss
 from ..train import lean
-from ..allocator import enable_huge_pages, returning_freed_memory
+from ..allocator import enable_huge_pages, keeping_freed_memory, returning_freed_memory
 
 OVER_BUDGET_EXIT = 75
 SETTINGS = ("none", "amp", "recompute", "recompute+amp")
+ALLOCATOR_MODES = ("return", "keep", "glibc")  # `--allocator`: freed memory to the OS, kept for reuse, glibc's defaults
 
 
 def build_model(name: str, impl: str = "swinkit", img_size: int | None = None, num_classes: int | None = None):
@@ -94,9 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="leave glibc's malloc as it is (default: return freed memory, as the trainer does "
-                             "under a --memory-budget that binds; the benchmark passes this where it does not)")
+    parser.add_argument("--allocator", choices=ALLOCATOR_MODES, default="return",
+                        help="return: freed memory back to the OS (what the trainer does under a --memory-budget "
+                             "that binds); keep: glibc keeps it for reuse (what the trainer does otherwise); "
+                             "glibc: glibc's defaults (what timm's own training gets)")
     parser.add_argument("--denormals", choices=("flush", "default"), default=None,
                         help="flush: denormals as zero (what `swinkit train` does on CPU); default: the process's "
                              "default (what timm's own training gets). Default: flush for swinkit, default for timm")
@@ -106,7 +109,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     enable_huge_pages()  # as `swinkit train` does: before the first tensor
-    with nullcontext() if args.keep_freed_memory else returning_freed_memory():
+    allocator = {"return": returning_freed_memory, "keep": keeping_freed_memory, "glibc": nullcontext}[args.allocator]
+    with allocator():
         return _run(args)
 
 

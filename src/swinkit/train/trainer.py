@@ -41,7 +41,7 @@ from .checkpoint import (LAST, PREVIOUS, ModelEma, capture_rng, check_state_fits
 from .config import ConfigError, ModelSection, TrainConfig, save_config
 from .data import UnreadableImages, build_training_data, open_image_folders
 from .objectives import build_objective
-from ..allocator import returning_freed_memory
+from ..allocator import keeping_freed_memory, returning_freed_memory
 from .logs import MetricsLog, TensorBoard, plot_curves, progress_bar
 from .optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
 from .signals import StopSignals
@@ -196,14 +196,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Train to `total_steps`. Under a memory budget that binds (`train.memory.budget_binds`), on CPU,
-        freed memory goes back to the OS while training runs (`swinkit.allocator`). On CPU, denormals are
+        """Train to `total_steps`. On CPU, under a memory budget that binds (`train.memory.budget_binds`),
+        freed memory goes back to the OS while training runs, and otherwise glibc keeps it for reuse
+        (`swinkit.allocator`). On CPU, denormals are
         flushed to zero (`precision.flush_denormals`: the shift mask's softmax weights, ~1e-44, are slow otherwise)."""
         if self.device.type == "cpu":
             ensure_denormals_flushed()
         plan = self.memory_plan
-        returning = plan is not None and plan.return_freed_memory and self.device.type == "cpu"
-        with returning_freed_memory() if returning else nullcontext(), self.stop:
+        cpu = self.device.type == "cpu"
+        returning = plan is not None and plan.return_freed_memory and cpu
+        # where no budget binds, freed memory stays mapped for the next step (no fresh zeroed pages)
+        allocator = returning_freed_memory() if returning else keeping_freed_memory() if cpu else nullcontext()
+        with allocator, self.stop:
             return self._train()
 
     def _train(self) -> dict:
