@@ -72,6 +72,28 @@ def test_peak_weights_each_shape_by_its_flops(monkeypatch):
     assert peaks["engines"]["fp32"] == {"fast": 0.5, "slow": 0.5}
 
 
+def test_peak_sampled_twice_keeps_each_engines_better_rate(monkeypatch):
+    """`previous`: every engine keeps its faster rate per shape over both samples (a drifting machine),
+    the peak is recomputed from those; a sample of other shapes is refused."""
+    sample = {"rates": {"slow": 1.0, "fast": 2.0}}
+
+    def engines(dtype, shape, operands):
+        flops = 2 * shape.rows * shape.in_features * shape.out_features
+        return {name: (lambda seconds=flops / (rate * 1e9): seconds) for name, rate in sample["rates"].items()}
+    monkeypatch.setattr(machine, "_engines", engines)
+    monkeypatch.setattr(machine, "_best_seconds", lambda call, repeats, budget: call())
+    shapes = [GemmShape(10, 10, 10)]
+    first = measure_peaks(shapes, ["fp32"])
+    sample["rates"] = {"slow": 3.0, "fast": 1.5}  # the machine changed speed; "slow" is now the faster engine
+    both = measure_peaks(shapes, ["fp32"], previous=first)
+    assert both["shapes"][0]["fp32"] == {"slow": 3.0, "fast": 2.0}
+    assert both["peak_gflops"]["fp32"] == pytest.approx(3.0) and both["engines"]["fp32"] == {"slow": 1.0}
+    sample["rates"] = {"slow": 0.5, "fast": 0.5}  # a slow moment cannot lower what was seen
+    assert measure_peaks(shapes, ["fp32"], previous=both)["peak_gflops"]["fp32"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="other shapes"):
+        measure_peaks([GemmShape(10, 10, 20)], ["fp32"], previous=both)
+
+
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="dtypes"):
         measure_peaks([GemmShape(4, 4, 4)], ["fp16"])

@@ -191,7 +191,7 @@ def _engines(dtype: str, shape: GemmShape, operands: tuple[torch.Tensor, ...]) -
 
 
 def measure_peaks(shapes: Sequence[GemmShape], dtypes: Sequence[str] = PEAK_DTYPES, *, repeats: int = 3,
-                  max_seconds: float = 0.1) -> dict:
+                  max_seconds: float = 0.1, previous: dict | None = None) -> dict:
     """THE machine peak of the benchmarks: GFLOP/s of the model's own GEMMs (`linear_shapes`) per dtype, on
     the CPU with torch's current threads. Every shape runs on every engine (fp32 and bf16: `torch.mm`, i.e.
     MKL, and oneDNN's inner product as `swinkit.onednn` calls it, on the plain weight and on the weight
@@ -200,7 +200,9 @@ def measure_peaks(shapes: Sequence[GemmShape], dtypes: Sequence[str] = PEAK_DTYP
     MatMulInteger where installed), best of `repeats` calls after a
     warm-up (fewer once `max_seconds` are spent: large shapes vary little); a shape's rate is its fastest
     engine's. The dtype's peak weights the shapes by their FLOPs: the model's GEMM
-    FLOPs over the time they take at those rates. Returns
+    FLOPs over the time they take at those rates. `previous`: an earlier result for the same shapes;
+    every engine then keeps the better of its two rates per shape, so a peak sampled at two moments
+    (a shared machine's speed drifts) is the best the machine showed at either. Returns
 
         {"peak_gflops": {dtype: GFLOP/s or None}, "engines": {dtype: {engine: share of FLOPs it was fastest on}},
          "unavailable": {dtype: reason}, "shapes": [{layer, rows, in, out, count, gflop, dtype: {engine: GFLOP/s}}]}
@@ -212,17 +214,24 @@ def measure_peaks(shapes: Sequence[GemmShape], dtypes: Sequence[str] = PEAK_DTYP
     table = [{"layer": s.layer, "rows": s.rows, "in": s.in_features, "out": s.out_features, "count": s.count,
               "gflop": round(s.flops / 1e9, 4)} for s in shapes]
     result: dict = {"peak_gflops": {}, "engines": {}, "unavailable": {}, "shapes": table}
+    previous_rows = (previous or {}).get("shapes")
+    if previous_rows is not None and [(r["rows"], r["in"], r["out"]) for r in previous_rows] != [
+            (r["rows"], r["in"], r["out"]) for r in table]:
+        raise ValueError("measure_peaks: `previous` was measured on other shapes")
     with torch.inference_mode():
         for dtype in dtypes:
             seconds, wins, failures, complete = 0.0, {}, [], True
             operands = _operands(dtype, shapes)
-            for shape, row in zip(shapes, table):
+            for index, (shape, row) in enumerate(zip(shapes, table)):
                 rates = {}
                 for engine, call in _engines(dtype, shape, operands).items():
                     try:
                         rates[engine] = shape.flops / shape.count / _best_seconds(call, repeats, max_seconds)
                     except Exception as error:  # an engine that cannot run this shape here is left out
                         failures.append(f"{engine}: {type(error).__name__}: {error}")
+                earlier = (previous_rows[index].get(dtype) or {}) if previous_rows else {}
+                for engine, gflops in earlier.items():
+                    rates[engine] = max(rates.get(engine, 0.0), gflops * 1e9)
                 row[dtype] = {engine: round(rate / 1e9, 1) for engine, rate in rates.items()}
                 if not rates:
                     complete = False
