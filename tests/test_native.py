@@ -164,3 +164,22 @@ def test_build_key_follows_source_and_machine(monkeypatch, tmp_path):
     changed.write_text("// another kernel\n")
     monkeypatch.setattr(native, "SOURCES", (changed,))
     assert native.build_key() not in (key, other_cpu)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx2" not in __import__("swinkit.precision").precision.cpu_flags(), reason="needs an AVX2 CPU")
+def test_kernel_built_for_avx2_only_agrees():
+    """The portable code path (no AVX-512: scalar key transpose, memcpy tails, 16-lane vectors split in
+    two): built with -march=x86-64-v3 in a process of its own and held to the same tests."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, **{native.MARCH_ENV: "x86-64-v3"})
+    selected = "kernel_equals or bf16_is_fp32 or any_strides or uses_the_kernel"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+                           __file__, "-k", selected], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "passed" in done.stdout and "skipped" not in done.stdout
+    flags = subprocess.run([sys.executable, "-c", "from swinkit import native; print(native.FLAGS)"],
+                           capture_output=True, text=True, env=env, timeout=300).stdout
+    assert "-march=x86-64-v3" in flags  # what that process built with (the build key includes the flags)

@@ -15,7 +15,9 @@ key hashes the source, the torch version and the CPU model and flags: a differen
 own copy (an `-march=native` binary may not run elsewhere). The first build takes ~15-20 s; later
 processes load it in well under a second. Where it cannot be built (no compiler, no ninja, another
 platform) `kernels_available()` says False once with a warning that names the reason, and every
-caller keeps PyTorch's own path. `SWINKIT_NATIVE=0` turns the kernels off.
+caller keeps PyTorch's own path. `SWINKIT_NATIVE=0` turns the kernels off; `SWINKIT_NATIVE_MARCH`
+builds them for another target (e.g. `x86-64-v3`, AVX2 without AVX-512: the portable vector code
+instead of the AVX-512 paths; tested to agree on this machine).
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ from .precision import cpu_info
 log = logging.getLogger("swinkit")
 
 SOURCES = (Path(__file__).parent / "csrc" / "window_attention.cpp",)
-FLAGS = ("-O3", "-march=native", "-fopenmp")
 ENV = "SWINKIT_NATIVE"
+MARCH_ENV = "SWINKIT_NATIVE_MARCH"  # the -march the kernels are built for (default: native)
+FLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV) or 'native'}", "-fopenmp")
 MAX_WINDOW_TOKENS = 64  # the kernel's limits (N and head_dim)
 MAX_HEAD_DIM = 64
 DTYPES = (torch.float32, torch.bfloat16)  # of q, k, v and the output; the arithmetic is fp32 throughout

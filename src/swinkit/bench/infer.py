@@ -26,9 +26,9 @@ Speedups are against timm's `torch.jit.trace` (FasterTransformer's baseline), fa
 to timm eager, then to swinkit eager. For each batch size the machine's GEMM peaks are
 measured in the same run on the model's own linear shapes at that batch (`machine.measure_peaks`:
 fp32, bf16, int8), before the engines' rounds and again after them, each shape keeping the better
-rate (a shared machine's speed drifts over minutes), and every row states its achieved GFLOP/s (the model's FLOPs per image,
-`models.swin.flops_per_image`, times img/s) and its % of the peak of its dtype (the INT8
-engine's of the int8 peak, every other engine's of the fp32 peak).
+rate (a shared machine's speed drifts over minutes), and every row states its achieved GFLOP/s (the
+model's FLOPs per image, `models.swin.flops_per_image`, times img/s) and its % of the peak of its
+dtype (the INT8 engine's of the int8 peak, every other engine's of the fp32 peak).
 """
 from __future__ import annotations
 

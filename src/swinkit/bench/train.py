@@ -46,8 +46,8 @@ from .machine import format_peaks, linear_shapes, load_average, machine_info, me
 from .train_child import OVER_BUDGET_EXIT, SETTINGS, build_model
 
 ROW_KEYS = ("setting", "impl", "max_batch", "s_per_step", "img_per_s", "batch_ratio", "throughput_pct",
-            "peak_bytes", "saved_bytes_per_image", "plan", "capped", "returns_freed_memory", "allocator", "dtype", "gflops",
-            "peak_gflops", "pct_peak")
+            "peak_bytes", "saved_bytes_per_image", "plan", "capped", "returns_freed_memory", "allocator", "dtype",
+            "gflops", "peak_gflops", "pct_peak")
 
 
 @dataclass
