@@ -45,7 +45,7 @@ def test_kernel_equals_plain_definition(tokens, head_dim, per_window):
     batch, windows, heads = 2, 3, 2
     q, k, v = _qkv(batch, windows, heads, tokens, head_dim)
     bias = _bias(windows if per_window else 1, heads, tokens)
-    assert native.window_attention_applies(q, bias)
+    assert native.window_attention_applies(q, k, v, bias)
     got = native.window_attention(q, k, v, bias)
     expected = window_attention(q, k, v, bias, 1.0, cosine=False)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
@@ -104,17 +104,20 @@ def test_fused_window_attention_uses_the_kernel(monkeypatch, cosine):
 def test_kernel_applies_only_where_it_can():
     q, k, v = _qkv(1, 2, 2, 49, 32)
     bias = _bias(2, 2, 49)
-    assert native.window_attention_applies(q, bias)
-    assert native.window_attention_applies(q.bfloat16(), bias)
-    assert not native.window_attention_applies(q.half(), bias)  # fp32 and bf16 only
+    assert native.window_attention_applies(q, k, v, bias)
+    assert native.window_attention_applies(q.bfloat16(), k, v, bias)
+    assert not native.window_attention_applies(q.half(), k, v, bias)  # fp32 and bf16 only
     big = _qkv(1, 1, 1, 144, 32)[0]  # 12x12 windows: SDPA
-    assert not native.window_attention_applies(big, _bias(1, 1, 144))
+    assert not native.window_attention_applies(big, big, big, _bias(1, 1, 144))
     wide = _qkv(1, 1, 1, 49, 80)[0]
-    assert not native.window_attention_applies(wide, bias)
+    assert not native.window_attention_applies(wide, wide, wide, bias)
     leaf = q.detach().clone().requires_grad_()
-    assert not native.window_attention_applies(leaf, bias)  # autograd: the kernel has no backward
+    assert not native.window_attention_applies(leaf, k, v, bias)  # autograd: the kernel has no backward
     with torch.no_grad():
-        assert native.window_attention_applies(leaf, bias)
+        assert native.window_attention_applies(leaf, k, v, bias)
+    learned = bias.clone().requires_grad_()  # a learned position bias would get no gradient
+    assert not native.window_attention_applies(q, k, v, learned)
+    assert not native.window_attention_applies(q, k, v.clone().requires_grad_(), bias)
 
 
 @pytest.mark.usefixtures("kernels")
@@ -139,7 +142,7 @@ def test_switched_off_or_unbuildable_kernels_leave_pytorchs_path(monkeypatch, tm
     bias = _bias(2, 2, 16)
     expected = window_attention(q, k, v, bias, 1.0, cosine=False)
     monkeypatch.setenv(native.ENV, "0")
-    assert not native.kernels_available() and not native.window_attention_applies(q, bias)
+    assert not native.kernels_available() and not native.window_attention_applies(q, k, v, bias)
     torch.testing.assert_close(window_attention(q, k, v, bias, 1.0, False, fused=True), expected, atol=2e-5, rtol=0)
     monkeypatch.delenv(native.ENV)
     broken = tmp_path / "broken.cpp"

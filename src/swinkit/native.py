@@ -89,11 +89,11 @@ def _load() -> str:
         finally:
             quiet.setLevel(level)
         key = build_key()
-        folder = cache_folder() / f"native-{key}"
+        name, folder = f"swinkit_native_{key}", cache_folder() / f"native-{key}"
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / f"swinkit_native_{key}.so").exists():
+        if not (folder / f"{name}.so").exists():
             log.info("swinkit: compiling its CPU kernels for this machine (once, ~20 s) in %s", folder)
-        cpp_extension.load(name=f"swinkit_native_{key}", sources=[str(s) for s in SOURCES],
+        cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
                            extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"], build_directory=str(folder),
                            is_python_module=False, verbose=False)
         torch.library.register_fake("swinkit::window_attention")(_window_attention_shape)
@@ -111,12 +111,14 @@ def _window_attention_shape(q, k, v, bias):
     return q.new_empty(batch, windows, tokens, heads, head_dim).permute(0, 1, 3, 2, 4)
 
 
-def window_attention_applies(q: torch.Tensor, attn_bias: torch.Tensor) -> bool:
-    """Whether `window_attention` takes these inputs (`[B, W, H, N, D]` q): float32 or bfloat16 on the CPU,
-    N and D up to 64, no autograd; the kernels enabled and built."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and attn_bias.device.type == "cpu"
+def window_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> bool:
+    """Whether `window_attention` takes these inputs (`[B, W, H, N, D]` q, k, v): float32 or bfloat16 on the
+    CPU, N and D up to 64, no autograd through any of them (the kernel has no backward: a learned bias
+    would silently get no gradient); the kernels enabled and built."""
+    tensors = (q, k, v, attn_bias)
+    return (all(t.device.type == "cpu" for t in tensors) and q.dtype in DTYPES
             and q.shape[-2] <= MAX_WINDOW_TOKENS and q.shape[-1] <= MAX_HEAD_DIM
-            and not (torch.is_grad_enabled() and q.requires_grad) and kernels_available())
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and kernels_available())
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:

@@ -235,14 +235,13 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
                            read_metadata(Path(weights)) if weights else {})
         for batch in batch_sizes:
             images = example[:batch].contiguous()
-            peaks = None
+            peaks = shapes = None
             if measure_peak:
-                peaks = header["gemm_peaks"][batch] = machine.measure_peaks(
-                    machine.linear_shapes(model, batch, img_size))
+                shapes = machine.linear_shapes(model, batch, img_size)
+                peaks = machine.measure_peaks(shapes)
             times = _measure(engines, images, rounds, warmup, skipped, batch)
             if measure_peak:  # sampled again after the rounds: the best of both moments
-                peaks = header["gemm_peaks"][batch] = machine.measure_peaks(
-                    machine.linear_shapes(model, batch, img_size), previous=peaks)
+                peaks = header["gemm_peaks"][batch] = machine.measure_peaks(shapes, previous=peaks)
             rows += _rows(times, batch, flops, peaks)
     header["load_average_after"] = machine.load_average()
     return {"header": header, "rows": rows, "ratios": ratios(rows), "skipped": skipped}

@@ -34,7 +34,8 @@ from ..allocator import enable_huge_pages, keeping_freed_memory, returning_freed
 
 OVER_BUDGET_EXIT = 75
 SETTINGS = ("none", "amp", "recompute", "recompute+amp")
-ALLOCATOR_MODES = ("return", "keep", "glibc")  # `--allocator`: freed memory to the OS, kept for reuse, glibc's defaults
+# `--allocator`: freed memory to the OS, kept for reuse, glibc's defaults
+ALLOCATORS = {"return": returning_freed_memory, "keep": keeping_freed_memory, "glibc": nullcontext}
 
 
 def build_model(name: str, impl: str = "swinkit", img_size: int | None = None, num_classes: int | None = None):
@@ -96,7 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--allocator", choices=ALLOCATOR_MODES, default="return",
+    parser.add_argument("--allocator", choices=tuple(ALLOCATORS), default="return",
                         help="return: freed memory back to the OS (what the trainer does under a --memory-budget "
                              "that binds); keep: glibc keeps it for reuse (what the trainer does otherwise); "
                              "glibc: glibc's defaults (what timm's own training gets)")
@@ -109,8 +110,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     enable_huge_pages()  # as `swinkit train` does: before the first tensor
-    allocator = {"return": returning_freed_memory, "keep": keeping_freed_memory, "glibc": nullcontext}[args.allocator]
-    with allocator():
+    with ALLOCATORS[args.allocator]():
         return _run(args)
 
 

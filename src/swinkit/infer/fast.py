@@ -22,7 +22,7 @@ The fast model runs the same block definition as the eval model (`models.swin.Sw
   Runtime fuses into one Gemm).
 * Attention is `window_attention(fused=True)`: one call per block on strided head views of the
   qkv projection (no head-split or merge copies, no stored scores): swinkit's own kernel on the CPU
-  in fp32 for windows up to 8x8 (`swinkit.native`, built when the fast model is made), else
+  in fp32 and bf16 for windows up to 8x8 (`swinkit.native`, built when the fast model is made), else
   `scaled_dot_product_attention`; exporters still see the plain batched matmuls.
 * No dropout, drop path, gradient checkpointing or autograd state: parameters are frozen.
 """

@@ -66,7 +66,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
     call (no dropout) that reads q, k and v where they lie (strided slices of the fused projection,
     no head-split copies), never stores the scores and writes its output token-major, so
     `merge_heads` is a view: swinkit's own kernel where it applies (`native.window_attention`: CPU,
-    fp32, windows up to 64 tokens, no autograd), else torch's `scaled_dot_product_attention` with the
+    fp32 or bf16, windows up to 64 tokens, no autograd), else torch's `scaled_dot_product_attention` with the
     windows folded into its batch."""
     if fused:
         return _fused_window_attention(q, k, v, attn_bias, temperature, cosine)
@@ -79,7 +79,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
 def _fused_window_attention(q, k, v, attn_bias, temperature, cosine: bool) -> torch.Tensor:
     batch, windows, heads, tokens, head_dim = q.shape
     q, k = scaled_query_key(q, k, temperature, cosine)
-    if native.window_attention_applies(q, attn_bias):  # swinkit's CPU kernel: fp32, windows up to 8x8
+    if native.window_attention_applies(q, k, v, attn_bias):  # swinkit's CPU kernel: fp32/bf16, windows up to 8x8
         return native.window_attention(q, k, v, attn_bias)
     if attn_bias.shape[0] > 1 and batch > 1:  # per window: the kernel's batch is windows of all images
         attn_bias = attn_bias.expand(batch, *attn_bias.shape).reshape(batch * windows, heads, tokens, tokens)
