@@ -65,6 +65,38 @@ def test_engine_choice_is_measured_once_and_kept_per_machine(choices, monkeypatc
     assert gemm.engine("forward", 1 << 20, inner, outer, torch.float32) and calls[-1][1] == gemm.MEASURE_ROWS
 
 
+def test_frozen_forward_is_onednn_without_measuring(choices, monkeypatch):
+    """Inference's frozen forward runs oneDNN on its reordered weight wherever oneDNN runs (`FIXED`):
+    nothing is timed or written; `SWINKIT_GEMM_ENGINE=torch` still overrides; training ops are measured,
+    by their median times."""
+    rows, inner, outer = SHAPE
+    calls = []
+    monkeypatch.setattr(gemm, "measure_engine", lambda *a, **k: calls.append(a) or "torch")
+    x = torch.randn(rows, inner)
+    assert gemm.engine("forward_frozen", rows, inner, outer, torch.float32) == "onednn"
+    assert gemm.uses_onednn("forward_frozen", rows, inner, outer, x)
+    assert calls == [] and not gemm.choices_path().exists()
+    assert gemm.engine("forward", rows, inner, outer, torch.float32) == "torch" and len(calls) == 1
+    monkeypatch.setenv(gemm.ENGINE_ENV, "torch")
+    assert not gemm.uses_onednn("forward_frozen", rows, inner, outer, x)
+
+
+def test_measured_choice_takes_the_shorter_median(monkeypatch):
+    """One fast call of a library (a shared machine's quiet moment) does not decide: the medians of
+    `REPEATS` alternating rounds do (torch takes 2.0 s but once 0.1 s; oneDNN always 1.0 s)."""
+    monkeypatch.setattr(gemm, "_OPS", {**gemm._OPS, "grad_input": {"torch": lambda *a: None,
+                                                                   "onednn": lambda *a: None}})
+    order = []
+    def seconds(call):
+        order.append("torch" if len(order) % 2 == 0 else "onednn")
+        if order[-1] == "torch":
+            return 0.1 if len(order) == 5 else 2.0
+        return 1.0
+    monkeypatch.setattr(gemm, "_seconds", seconds)
+    assert gemm.measure_engine("grad_input", 64, 8, 8, torch.float32) == "onednn"
+    assert len(order) == 2 * (gemm.REPEATS + 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_frozen_weight_is_reordered_once_and_follows_edits(dtype, monkeypatch):
     """Inference linears (`frozen=True`) hand oneDNN the weight reordered once, kept beside the weight:

@@ -308,12 +308,16 @@ def test_memory_budget_flag_plans_recomputation(tmp_path, caplog):
 
 
 def test_auto_precision_is_bf16_only_with_bf16_units(tmp_path, monkeypatch):
-    """precision "auto" resolves once, by the CPU's flags, and config.yaml names what ran."""
+    """precision "auto" resolves once, by the CPU's flags and the measured bf16/fp32 GEMM rate, and
+    config.yaml names what ran."""
     from swinkit import precision
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert precision.resolve("auto", "cpu") == "fp32"
     assert precision.resolve("fp16-mixed", "cpu") == "fp16-mixed"
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads=None: 0.61)  # units, but slower than fp32
+    assert precision.resolve("auto", "cpu") == "fp32"
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads=None: 1.9)
     expected = "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     assert precision.resolve("auto", "cpu") == expected
     assert precision.autocast_dtype("auto", "cpu") == (torch.bfloat16 if expected == "bf16-mixed" else None)

@@ -4,8 +4,9 @@
     bf16-mixed   autocast to bfloat16; weights, optimizer state and loss stay float32
     fp16-mixed   autocast to float16, with loss scaling (the trainer's GradScaler)
     amp          the mixed precision the device does best (`amp_dtype`): what benchmarks measure
-    auto         bf16-mixed where the device has bf16 arithmetic units (`has_fast_bf16`), else fp32:
-                 resolved once when training starts (`resolve`), so config.yaml names what ran
+    auto         bf16-mixed where bf16 matmuls run faster than fp32 on the device (`has_fast_bf16`: bf16
+                 units, and on the CPU a measured bf16 GEMM rate at least `BF16_MIN_SPEEDUP` x fp32's),
+                 else fp32: resolved once when training starts (`resolve`), so config.yaml names what ran
 
 "bf16", "fp16" and "float32" are accepted for "bf16-mixed", "fp16-mixed" and "fp32".
 
@@ -54,14 +55,57 @@ def cpu_flags() -> frozenset[str]:
     return cpu_info()[1]
 
 
+# The flags alone do not decide: a Xeon that exposes AVX512-BF16 but not AMX (a VM here, 2 threads)
+# ran oneDNN's bf16 GEMMs at 0.6-0.7x its fp32 ones on Swin's shapes, where an AMX one ran them ~2-4x.
+BF16_MIN_SPEEDUP = 1.15
+BF16_PROBE = (1024, 384, 1536)  # rows x in x out: a stage-3 MLP GEMM of Swin-T at batch 8 (rows cut)
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_bf16_speedup(threads: int | None = None) -> float | None:
+    """How much faster oneDNN's bf16 GEMM (what autocast and bf16 inference run) is than its fp32 GEMM on
+    this CPU at `threads` (default: torch's current count), on `BF16_PROBE` with the weight reordered as
+    the fast path keeps it: fp32 median time over bf16 median time of 5 alternating calls after a
+    warm-up. Measured once per process and thread count (~0.1 s). None where oneDNN has no bf16 kernels."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    import statistics
+    import time
+
+    from . import onednn
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        rows, in_features, out_features = BF16_PROBE
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand(rows, in_features, generator=generator).sub_(0.5)
+        weight = torch.rand(out_features, in_features, generator=generator).sub_(0.5)
+        calls = {dtype: (x.to(dtype), onednn.reorder_weight(weight.to(dtype))) for dtype in (torch.float32, torch.bfloat16)}
+        times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in calls}
+        with torch.no_grad():
+            for repeat in range(6):
+                for dtype, (inputs, reordered) in calls.items():
+                    start = time.perf_counter()
+                    onednn.inner_product(inputs, reordered)
+                    if repeat:
+                        times[dtype].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return statistics.median(times[torch.float32]) / statistics.median(times[torch.bfloat16])
+
+
 def has_fast_bf16(device: torch.device | str) -> bool:
-    """Whether bf16 matmuls run faster than fp32 on `device`: a CUDA GPU that supports bf16, or a CPU
-    with bf16 units (`BF16_UNITS`) that oneDNN uses."""
+    """Whether bf16 matmuls run faster than fp32 on `device`: a CUDA GPU that supports bf16, or a CPU with
+    bf16 units (`BF16_UNITS`) whose bf16 GEMMs measured at least `BF16_MIN_SPEEDUP` x fp32 (`cpu_bf16_speedup`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return (device.type == "cpu" and bool(cpu_flags() & BF16_UNITS)
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type != "cpu" or not cpu_flags() & BF16_UNITS or not (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    speedup = cpu_bf16_speedup(torch.get_num_threads())
+    return speedup is not None and speedup >= BF16_MIN_SPEEDUP
 
 
 def resolve(precision: str, device: torch.device | str) -> str:
@@ -146,10 +190,15 @@ def slow_precision_note(dtype: torch.dtype, device: torch.device | str) -> str |
     if device.type != "cpu" or not flags:
         return None
     units = BF16_UNITS if dtype == torch.bfloat16 else FP16_UNITS
-    if flags & units:
-        return None
-    return (f"{name} on a CPU without {name.upper()} instructions ({', '.join(sorted(units))}): it runs, but the "
-            f"matmuls convert to fp32 and it is usually slower than fp32")
+    if not flags & units:
+        return (f"{name} on a CPU without {name.upper()} instructions ({', '.join(sorted(units))}): it runs, but the "
+                f"matmuls convert to fp32 and it is usually slower than fp32")
+    if dtype == torch.bfloat16:
+        speedup = cpu_bf16_speedup(torch.get_num_threads())
+        if speedup is not None and speedup < 1.0:
+            return (f"bf16 on this CPU ({', '.join(sorted(flags & units))}): its bf16 GEMMs measured {speedup:.2f}x "
+                    f"the speed of fp32 here, so bf16 runs slower than fp32")
+    return None
 
 
 # ------------------------------------------------------------------------------------------ denormals
