@@ -63,18 +63,17 @@ BF16_PROBE = (1024, 384, 1536)  # rows x in x out: a stage-3 MLP GEMM of Swin-T 
 
 @functools.lru_cache(maxsize=4)
 def cpu_bf16_speedup(threads: int | None = None) -> float | None:
-    """How much faster oneDNN's bf16 GEMM (what autocast and bf16 inference run) is than its fp32 GEMM on
-    this CPU at `threads` (default: torch's current count), on `BF16_PROBE` with the weight reordered as
-    the fast path keeps it: fp32 median time over bf16 median time of 5 alternating calls after a
-    warm-up. Measured once per process and thread count (~0.1 s). None where oneDNN has no bf16 kernels."""
+    """How much faster a bf16 matmul (oneDNN's, which autocast and bf16 inference run) is than an fp32 one on
+    this CPU at `threads` (default: torch's current count), on `BF16_PROBE`: fp32 median time over bf16
+    median time of 7 alternating `torch.mm` calls after a warm-up, into outputs allocated once (a process
+    that returns freed memory to the OS would otherwise time page faults, twice as many for fp32: measured
+    0.8-2.0x inside `swinkit train` where the same GEMMs run 0.5-0.75x). Measured once per process and
+    thread count (~0.1 s). None where oneDNN has no bf16 kernels."""
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return None
     import statistics
     import time
 
-    # oneDNN's inner product on a reordered weight: what `onednn.inner_product` runs for the fast path
-    # (called directly: this module sits below `onednn` in the import graph)
-    reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -82,14 +81,15 @@ def cpu_bf16_speedup(threads: int | None = None) -> float | None:
         rows, in_features, out_features = BF16_PROBE
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(rows, in_features, generator=generator).sub_(0.5)
-        weight = torch.rand(out_features, in_features, generator=generator).sub_(0.5)
-        calls = {dtype: (x.to(dtype), reorder(weight.to(dtype))) for dtype in (torch.float32, torch.bfloat16)}
+        weight = torch.rand(in_features, out_features, generator=generator).sub_(0.5)
+        calls = {dtype: (x.to(dtype), weight.to(dtype), torch.empty(rows, out_features, dtype=dtype))
+                 for dtype in (torch.float32, torch.bfloat16)}
         times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in calls}
         with torch.no_grad():
-            for repeat in range(6):
-                for dtype, (inputs, reordered) in calls.items():
+            for repeat in range(8):
+                for dtype, (inputs, matrix, out) in calls.items():
                     start = time.perf_counter()
-                    linear(inputs, reordered, None, "none", [], "")
+                    torch.mm(inputs, matrix, out=out)
                     if repeat:
                         times[dtype].append(time.perf_counter() - start)
     finally:
