@@ -74,14 +74,14 @@ def test_no_units_warning_only_where_the_cpu_lacks_them(monkeypatch, caplog):
     assert "bf16 on a CPU without BF16 instructions" in caplog.text and "slower than fp32" in caplog.text
     caplog.clear()
     monkeypatch.setattr(swinkit.precision, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_fp16"}))
-    monkeypatch.setattr(swinkit.precision, "cpu_bf16_speedup", lambda threads=None: 2.0)
+    monkeypatch.setattr(swinkit.precision, "cpu_bf16_speedup", lambda: 2.0)
     with caplog.at_level(logging.WARNING, logger="swinkit"):
         optimize_for_inference(model, dtype="bf16")
         optimize_for_inference(model, dtype="fp16")
         optimize_for_inference(model)
     assert caplog.text == ""
     # the units are there but the bf16 GEMMs measured slower than fp32 (AVX512-BF16 without AMX)
-    monkeypatch.setattr(swinkit.precision, "cpu_bf16_speedup", lambda threads=None: 0.61)
+    monkeypatch.setattr(swinkit.precision, "cpu_bf16_speedup", lambda: 0.61)
     with caplog.at_level(logging.WARNING, logger="swinkit"):
         optimize_for_inference(model, dtype="bf16")
     assert "its bf16 GEMMs measured 0.61x the speed of fp32 here" in caplog.text
@@ -90,7 +90,7 @@ def test_no_units_warning_only_where_the_cpu_lacks_them(monkeypatch, caplog):
 def test_bf16_speedup_is_measured_here():
     """The measured bf16/fp32 GEMM rate is a positive ratio (None only without oneDNN bf16 kernels); `auto`
     and the warnings read it, so a wrong one would mislead every bf16 decision."""
-    speedup = swinkit.precision.cpu_bf16_speedup(torch.get_num_threads())
+    speedup = swinkit.precision.cpu_bf16_speedup()
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert speedup is None
     else:

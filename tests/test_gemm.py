@@ -84,8 +84,8 @@ def test_frozen_forward_is_onednn_without_measuring(choices, monkeypatch):
 def test_measured_choice_takes_the_shorter_median(monkeypatch):
     """One fast call of a library (a shared machine's quiet moment) does not decide: the medians of
     `REPEATS` alternating rounds do (torch takes 2.0 s but once 0.1 s; oneDNN always 1.0 s)."""
-    monkeypatch.setattr(gemm, "_OPS", {**gemm._OPS, "grad_input": {"torch": lambda *a: None,
-                                                                   "onednn": lambda *a: None}})
+    idle = {"torch": lambda *a: None, "onednn": lambda *a: None}
+    monkeypatch.setattr(gemm, "_OPS", {**gemm._OPS, "grad_input": idle})
     order = []
     def seconds(call):
         order.append("torch" if len(order) % 2 == 0 else "onednn")

@@ -315,9 +315,9 @@ def test_auto_precision_is_bf16_only_with_bf16_units(tmp_path, monkeypatch):
     assert precision.resolve("auto", "cpu") == "fp32"
     assert precision.resolve("fp16-mixed", "cpu") == "fp16-mixed"
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads=None: 0.61)  # units, but slower than fp32
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.61)  # units, but slower than fp32
     assert precision.resolve("auto", "cpu") == "fp32"
-    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads=None: 1.9)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 1.9)
     expected = "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     assert precision.resolve("auto", "cpu") == expected
     assert precision.autocast_dtype("auto", "cpu") == (torch.bfloat16 if expected == "bf16-mixed" else None)

@@ -29,11 +29,12 @@ it is oneDNN's wherever oneDNN runs (`FIXED`). Its weight is reordered once for 
 sgemm packs the weight again in every call, and timing the two on hot operands misleads: choices
 measured per shape (best of three calls, or median of seven with a 5% preference for oneDNN; one
 in five decisions flipped between repeats) ran Swin-T's fast path slower than oneDNN on every shape,
-~7-10% at batch 1 (26 and 28 of 31 alternating whole-model rounds), level at batch 8 (Intel AMX
-Xeon kind; on the AMD kinds oneDNN is as fast as MKL or ~2x). The choices are kept in a JSON file per machine, torch version and thread
-count (`choices_path`, under `$SWINKIT_CACHE_DIR` or `~/.cache/swinkit`), so every later process on
-the machine, a resumed training run included, makes the same ones and computes bit-identical
-results. `SWINKIT_GEMM_ENGINE=onednn|torch` forces one library (no measuring, nothing written).
+~7-10% at batch 1 (26 and 28 of 31 alternating whole-model rounds), level at batch 8 (Intel Xeon
+without AMX; on the AMD kinds oneDNN is as fast as MKL or ~2x). The choices are kept in a JSON file
+per machine, torch version and thread count (`choices_path`, under `$SWINKIT_CACHE_DIR` or
+`~/.cache/swinkit`), so every later process on the machine, a resumed training run included, makes
+the same ones and computes bit-identical results. `SWINKIT_GEMM_ENGINE=onednn|torch` forces one
+library (no measuring, nothing written).
 """
 from __future__ import annotations
 

@@ -61,39 +61,37 @@ BF16_MIN_SPEEDUP = 1.15
 BF16_PROBE = (1024, 384, 1536)  # rows x in x out: a stage-3 MLP GEMM of Swin-T at batch 8 (rows cut)
 
 
-@functools.lru_cache(maxsize=4)
-def cpu_bf16_speedup(threads: int | None = None) -> float | None:
+def cpu_bf16_speedup() -> float | None:
     """How much faster a bf16 matmul (oneDNN's, which autocast and bf16 inference run) is than an fp32 one on
-    this CPU at `threads` (default: torch's current count), on `BF16_PROBE`: fp32 median time over bf16
-    median time of 7 alternating `torch.mm` calls after a warm-up, into outputs allocated once (a process
-    that returns freed memory to the OS would otherwise time page faults, twice as many for fp32: measured
-    0.8-2.0x inside `swinkit train` where the same GEMMs run 0.5-0.75x). Measured once per process and
-    thread count (~0.1 s). None where oneDNN has no bf16 kernels."""
+    this CPU at torch's current thread count, on `BF16_PROBE`: fp32 median time over bf16 median time of 7
+    alternating `torch.mm` calls after a warm-up, into outputs allocated once (a process that returns freed
+    memory to the OS would otherwise time page faults, twice as many for fp32: measured 0.8-2.0x inside
+    `swinkit train` where the same GEMMs run 0.5-0.75x). Measured once per process and thread count
+    (~0.1 s). None where oneDNN has no bf16 kernels."""
+    return _bf16_speedup(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=4)
+def _bf16_speedup(threads: int) -> float | None:  # threads: the cache key (the probe runs at torch's count)
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return None
     import statistics
     import time
 
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        rows, in_features, out_features = BF16_PROBE
-        generator = torch.Generator().manual_seed(0)
-        x = torch.rand(rows, in_features, generator=generator).sub_(0.5)
-        weight = torch.rand(in_features, out_features, generator=generator).sub_(0.5)
-        calls = {dtype: (x.to(dtype), weight.to(dtype), torch.empty(rows, out_features, dtype=dtype))
-                 for dtype in (torch.float32, torch.bfloat16)}
-        times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in calls}
-        with torch.no_grad():
-            for repeat in range(8):
-                for dtype, (inputs, matrix, out) in calls.items():
-                    start = time.perf_counter()
-                    torch.mm(inputs, matrix, out=out)
-                    if repeat:
-                        times[dtype].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
+    rows, in_features, out_features = BF16_PROBE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(rows, in_features, generator=generator).sub_(0.5)
+    weight = torch.rand(in_features, out_features, generator=generator).sub_(0.5)
+    calls = {dtype: (x.to(dtype), weight.to(dtype), torch.empty(rows, out_features, dtype=dtype))
+             for dtype in (torch.float32, torch.bfloat16)}
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in calls}
+    with torch.no_grad():
+        for repeat in range(8):
+            for dtype, (inputs, matrix, out) in calls.items():
+                start = time.perf_counter()
+                torch.mm(inputs, matrix, out=out)
+                if repeat:
+                    times[dtype].append(time.perf_counter() - start)
     return statistics.median(times[torch.float32]) / statistics.median(times[torch.bfloat16])
 
 
@@ -106,7 +104,7 @@ def has_fast_bf16(device: torch.device | str) -> bool:
     if device.type != "cpu" or not cpu_flags() & BF16_UNITS or not (
             torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
-    speedup = cpu_bf16_speedup(torch.get_num_threads())
+    speedup = cpu_bf16_speedup()
     return speedup is not None and speedup >= BF16_MIN_SPEEDUP
 
 
@@ -196,7 +194,7 @@ def slow_precision_note(dtype: torch.dtype, device: torch.device | str) -> str |
         return (f"{name} on a CPU without {name.upper()} instructions ({', '.join(sorted(units))}): it runs, but the "
                 f"matmuls convert to fp32 and it is usually slower than fp32")
     if dtype == torch.bfloat16:
-        speedup = cpu_bf16_speedup(torch.get_num_threads())
+        speedup = cpu_bf16_speedup()
         if speedup is not None and speedup < 1.0:
             return (f"bf16 on this CPU ({', '.join(sorted(flags & units))}): its bf16 GEMMs measured {speedup:.2f}x "
                     f"the speed of fp32 here, so bf16 runs slower than fp32")

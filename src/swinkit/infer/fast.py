@@ -18,8 +18,8 @@ The fast model runs the same block definition as the eval model (`models.swin.Sw
 * On CPU, linear layers run through `swinkit.onednn.linear(frozen=True)`: oneDNN (fc1 with GELU
   fused) on the weight reordered once to its own layout (kept beside the model: one extra copy of
   each large weight) wherever oneDNN runs the shape (`onednn.uses_onednn`; `onednn.FIXED` says why it
-  is not measured against MKL per shape); elsewhere (CUDA, ONNX export, torch.compile) plain `F.linear` on 2-D tokens (which ONNX
-  Runtime fuses into one Gemm).
+  is not measured against MKL per shape); elsewhere (CUDA, ONNX export, torch.compile) plain `F.linear`
+  on 2-D tokens (which ONNX Runtime fuses into one Gemm).
 * Attention is `window_attention(fused=True)`: one call per block on strided head views of the
   qkv projection (no head-split or merge copies, no stored scores): swinkit's own kernel on the CPU
   in fp32 and bf16 for windows up to 8x8 (`swinkit.native`, built when the fast model is made), else
