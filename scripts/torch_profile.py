@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 
 import swinkit
+from swinkit import allocator
 from swinkit.models.swin import flops_per_image
 from swinkit.precision import autocast_dtype, flush_denormals, inference_dtype
 
@@ -55,7 +56,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--denormals", choices=("flush", "default"), default="flush",
                         help="flush: denormals as zero, as swinkit's optimized path and trainer run (default)")
+    parser.add_argument("--allocator", choices=("keep", "glibc"), default="keep",
+                        help="train: keep freed memory for reuse on transparent huge pages, as `swinkit train` runs "
+                             "where no memory budget binds (default), or glibc's defaults (every large activation "
+                             "page-faulted in afresh: elementwise ops and copies then read 2-4x slower)")
     args = parser.parse_args()
+    if args.mode == "train" and args.allocator == "keep":
+        allocator.enable_huge_pages()  # before the first tensor, as the trainer does
+        allocator.keep_freed_memory()  # the optimized inference path turns this on by itself
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = swinkit.create_model(args.model)
@@ -106,7 +114,7 @@ def main() -> None:
     for event in events:
         by_kind[kind_of(event.key)] += event.self_cpu_time_total
     print(f"{args.mode} {args.model} batch {args.batch} {args.precision}{' lean' if args.lean else ''}, "
-          f"denormals {args.denormals}, "
+          f"denormals {args.denormals}{', glibc defaults' if args.mode == 'train' and args.allocator == 'glibc' else ''}, "
           f"{args.threads} threads: {seconds * 1000:.1f} ms/call unprofiled, {args.batch / seconds:.2f} img/s, "
           f"{flop * args.batch / seconds / 1e9:.1f} GFLOP/s overall")
     gemm_seconds = by_kind.get("linear GEMM", 0) / 1e6 / args.calls
