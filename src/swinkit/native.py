@@ -16,8 +16,12 @@ own copy (an `-march=native` binary may not run elsewhere). The first build take
 processes load it in well under a second. Where it cannot be built (no compiler, no ninja, another
 platform) `kernels_available()` says False once with a warning that names the reason, and every
 caller keeps PyTorch's own path. `SWINKIT_NATIVE=0` turns the kernels off; `SWINKIT_NATIVE_MARCH`
-builds them for another target (e.g. `x86-64-v3`, AVX2 without AVX-512: the portable vector code
-instead of the AVX-512 paths; tested to agree on this machine).
+builds them for another target (e.g. `x86-64-v3`, AVX2 without AVX-512: 8-lane vectors, two query rows
+per register block and AVX2 masked loads instead of the AVX-512 paths; tested to agree on this machine).
+Built so on this Xeon, Swin-T's four stages at batch 8 (one block each, PyTorch's ops limited to AVX2 by
+`ATEN_CPU_CAPABILITY=avx2`): 23.7 ms against 52.9 ms for `scaled_dot_product_attention` in one run,
+22.7 vs 64.3 in another; the AVX2 build before, 16-lane vectors split in two, took 120 ms (GCC turned
+their compares and selects into scalar code), and the AVX-512 build takes 12.6-13.4 ms.
 """
 from __future__ import annotations
 

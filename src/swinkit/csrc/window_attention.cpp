@@ -7,8 +7,10 @@
 // Built on first use by `swinkit.native` (torch.utils.cpp_extension, -O3 -march=native -fopenmp) and
 // registered as torch.ops.swinkit.window_attention; the Python side (`models.attention`) decides when it
 // runs (CPU, fp32/bf16, no autograd, not under an exporter) and otherwise calls scaled_dot_product_attention.
-// Written with GCC/Clang vector extensions (16 lanes: one AVX-512 register, two AVX2 ones), AVX-512
-// masked loads where the compiler targets it.
+// Written with GCC/Clang vector extensions in the target's native width: 16 lanes (one AVX-512 register,
+// four query rows per block) where the compiler targets AVX-512, else 8 (one AVX2 register, two rows: the
+// scores of four rows would not fit in sixteen registers), with masked loads and stores of either ISA.
+// (A 16-lane vector on AVX2 made GCC split comparisons and selects into scalar code: 9x slower.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -17,27 +19,51 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
+#ifdef __AVX512F__
 constexpr int L = 16;            // lanes per vector
 constexpr int ROWS = 4;          // query rows per register block
-constexpr int MAX_VECTORS = 4;   // N and D up to 4 vectors (64)
+#else
+constexpr int L = 8;
+constexpr int ROWS = 2;
+#endif
+constexpr int MAX_TOKENS = 64;   // N and D up to 64
+constexpr int MAX_VECTORS = MAX_TOKENS / L;
 constexpr float NEG = -1e30f;    // bias of the padding lanes: exp() gives exactly 0
 typedef float vf __attribute__((vector_size(L * sizeof(float))));
 typedef int vi __attribute__((vector_size(L * sizeof(int))));
 
 inline vf load(const float* p) { vf x; std::memcpy(&x, p, sizeof(vf)); return x; }
 inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
-inline vf splat(float a) { return vf{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+inline vf splat(float a) {  // not `vf{} + a`: 0 + a is not a for a = -0, so GCC keeps that add
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(a);
+#elif defined(__AVX2__)
+  return (vf)_mm256_set1_ps(a);
+#else
+  vf x;
+  for (int i = 0; i < L; ++i) x[i] = a;
+  return x;
+#endif
+}
+inline vi lanes() {
+  vi lane;
+  for (int i = 0; i < L; ++i) lane[i] = i;
+  return lane;
+}
 
 // the first n (1..16) lanes from p, `fill` in the others; never reads past p[n - 1]
 inline vf load_tail(const float* p, int n, float fill) {
 #ifdef __AVX512F__
   return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), (__mmask16)((1u << n) - 1u), p);
+#elif defined(__AVX2__)
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), (__m256i)lanes());
+  return (vf)_mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, mask), _mm256_castsi256_ps(mask));
 #else
   vf x = splat(fill);
   std::memcpy(&x, p, n * sizeof(float));
@@ -48,6 +74,8 @@ inline vf load_tail(const float* p, int n, float fill) {
 inline void store_tail(float* p, vf x, int n) {
 #ifdef __AVX512F__
   _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)x);
+#elif defined(__AVX2__)
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), (__m256i)lanes()), (__m256)x);
 #else
   std::memcpy(p, &x, n * sizeof(float));
 #endif
@@ -82,8 +110,7 @@ inline void store(bf16* p, vf x) { const vh h = narrow(x); std::memcpy(p, &h, si
 inline vf load_tail(const bf16* p, int n, float fill) {
   vh h = {};
   std::memcpy(&h, p, n * sizeof(bf16));
-  vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return lane < n ? widen(h) : splat(fill);
+  return lanes() < n ? widen(h) : splat(fill);
 }
 
 inline void store_tail(bf16* p, vf x, int n) {
@@ -257,24 +284,21 @@ void attend(const Item<T>& it, int N, int D, float* kT, float* p) {
 template <typename T>
 using Kernel = void (*)(const Item<T>&, int, int, float*, float*);
 
-template <typename T, int NV, bool FULL_D>
+// attend<T, NV, DV, FULL_D> for every NV, DV in 1..MAX_VECTORS, chosen at run time.
+template <typename T, int NV, bool FULL_D, int DV = 1>
 Kernel<T> pick_d(int dv) {
-  switch (dv) {
-    case 1: return &attend<T, NV, 1, FULL_D>;
-    case 2: return &attend<T, NV, 2, FULL_D>;
-    case 3: return &attend<T, NV, 3, FULL_D>;
-    default: return &attend<T, NV, 4, FULL_D>;
+  if constexpr (DV < MAX_VECTORS) {
+    if (dv > DV) return pick_d<T, NV, FULL_D, DV + 1>(dv);
   }
+  return &attend<T, NV, DV, FULL_D>;
 }
 
-template <typename T, bool FULL_D>
+template <typename T, bool FULL_D, int NV = 1>
 Kernel<T> pick_n(int nv, int dv) {
-  switch (nv) {
-    case 1: return pick_d<T, 1, FULL_D>(dv);
-    case 2: return pick_d<T, 2, FULL_D>(dv);
-    case 3: return pick_d<T, 3, FULL_D>(dv);
-    default: return pick_d<T, 4, FULL_D>(dv);
+  if constexpr (NV < MAX_VECTORS) {
+    if (nv > NV) return pick_n<T, FULL_D, NV + 1>(nv, dv);
   }
+  return pick_d<T, NV, FULL_D>(dv);
 }
 
 template <typename T>
@@ -315,7 +339,7 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(t->stride(4) == 1, "swinkit.window_attention: head_dim must be contiguous");
   }
   const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
-  TORCH_CHECK(N >= 1 && N <= MAX_VECTORS * L && D >= 1 && D <= MAX_VECTORS * L,
+  TORCH_CHECK(N >= 1 && N <= MAX_TOKENS && D >= 1 && D <= MAX_TOKENS,
               "swinkit.window_attention: windows of 1..64 tokens and head_dim 1..64, got N=", N, ", D=", D);
   const at::Tensor bias = bias_.to(q.scalar_type()).contiguous();
   TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == 1 || bias.size(0) == W) && bias.size(1) == H &&
