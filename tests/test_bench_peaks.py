@@ -106,3 +106,28 @@ def test_row_fields_against_the_peak_of_the_rows_dtype():
     assert bf16["dtype"] == "bf16" and bf16["pct_peak"] == 12.5 and bf16["peak_gflops"] == 400.0
     assert machine.peak_fields(50.0, machine.row_dtype(int8=True), peaks)["pct_peak"] is None
     assert machine.peak_fields(50.0, "fp32", None)["pct_peak"] is None
+
+
+def test_limited_instruction_sets_are_stated_in_both_tables(monkeypatch):
+    """A run with the libraries limited to fewer instruction sets (an AVX2-only CPU measured on an AVX-512
+    one) says so in its header, and that ONNX Runtime cannot be limited; an unlimited run says nothing."""
+    from swinkit.bench import format_table as format_infer
+    from swinkit.bench.train import format_table as format_train
+    for name in machine.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert machine.isa_limits() == {} and machine.format_isa_limits({}) == ""
+    monkeypatch.setenv("SWINKIT_NATIVE_MARCH", "x86-64-v3")  # read at import only: safe to set in a test
+    assert machine.isa_limits() == {"SWINKIT_NATIVE_MARCH": "x86-64-v3"}
+    header = {"model": "m", "img_size": [32, 32], "gflops_per_image": 0.1, "cpu": "CPU", "threads": 2,
+              "torch": "2", "rounds": 1, "warmup": 0, "load_average": 0.0, "cpu_capability": "AVX2",
+              "isa_limits": machine.isa_limits()}
+    table = format_infer({"header": header, "rows": [], "skipped": []})
+    assert "CPU: CPU (AVX2)" in table
+    assert "instruction sets limited: SWINKIT_NATIVE_MARCH=x86-64-v3 (ONNX Runtime cannot be limited" in table
+    assert "instruction sets limited" not in format_infer({"header": {**header, "isa_limits": {}}, "rows": [],
+                                                           "skipped": []})
+    info = machine.machine_info()
+    assert info["isa_limits"] == {"SWINKIT_NATIVE_MARCH": "x86-64-v3"}
+    report = {"model": "m", "img_size": 32, "budget_bytes": 1 << 30, "steps": 1, "rows": [], "saved_bytes_per_image": {"swinkit": 1000},
+              "machine": {**info, "load_average_end": 0.0}}
+    assert "instruction sets limited: SWINKIT_NATIVE_MARCH=x86-64-v3" in format_train(report)

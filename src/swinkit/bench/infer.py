@@ -217,6 +217,7 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
         "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3), "cpu": machine.cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds, "warmup": warmup,
         "load_average": machine.load_average(), "precisions": precisions, "freed_memory_kept": kept,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa_limits": machine.isa_limits(),
         "notes": [note for note in (slow_precision_note(dtype, "cpu") for dtype in dtypes) if note],
     }
     try:
@@ -296,10 +297,14 @@ def format_table(result: dict) -> str:
     header = result["header"]
     size = "x".join(map(str, header["img_size"]))
     lines = [f"swinkit bench infer: {header['model']} at {size} ({header['gflops_per_image']} GFLOP/image)",
-             f"CPU: {header['cpu']}, {header['threads']} threads; torch {header['torch']}"
+             f"CPU: {header['cpu']}"
+             + (f" ({header['cpu_capability']})" if header.get("cpu_capability") else "")
+             + f", {header['threads']} threads; torch {header['torch']}"
              + (f", onnxruntime {header['onnxruntime']}" if "onnxruntime" in header else "")
              + f"; median (and best) of {header['rounds']} interleaved rounds after {header['warmup']} warm-up calls;"
              f" load average {header['load_average']} -> {header.get('load_average_after')}"]
+    if header.get("isa_limits"):
+        lines.append(machine.format_isa_limits(header["isa_limits"]))
     peaks = header.get("gemm_peaks") or {}
     for batch in sorted({row["batch"] for row in result["rows"]}):
         rows = [row for row in result["rows"] if row["batch"] == batch]

@@ -32,13 +32,33 @@ def load_average() -> float | None:
         return None
 
 
+# Environment variables that make the libraries use fewer instruction sets than the CPU has: a run with
+# `ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 SWINKIT_NATIVE_MARCH=x86-64-v3`
+# measures an AVX2-only CPU's code paths on an AVX-512 one. ONNX Runtime has no such switch.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "SWINKIT_NATIVE_MARCH")
+
+
+def isa_limits() -> dict[str, str]:
+    """The `ISA_LIMITS` variables set in this process, {name: value}."""
+    return {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
+
+
+def format_isa_limits(limits: dict[str, str] | None) -> str:
+    """A header line for a run with instruction sets limited ("" without limits)."""
+    if not limits:
+        return ""
+    return ("instruction sets limited: " + " ".join(f"{name}={value}" for name, value in limits.items())
+            + " (ONNX Runtime cannot be limited: its rows and the int8 peak's MatMulInteger use the whole CPU)")
+
+
 def machine_info(device: str = "cpu") -> dict:
-    """{cpu, cpu_capability, bf16_units, threads, torch, load_average} (+ gpu on CUDA)."""
+    """{cpu, cpu_capability, bf16_units, threads, torch, load_average, isa_limits} (+ gpu on CUDA)."""
     name, flags = cpu_info()
     info = {"cpu": name or platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_units": sorted(flags & BF16_UNITS),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": load_average()}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": load_average(),
+            "isa_limits": isa_limits()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -42,7 +42,8 @@ from ..cli_types import positive_int, rate
 from ..models.swin import flops_per_image
 from ..train import memory
 from ..sysinfo import format_size, parse_size
-from .machine import format_peaks, linear_shapes, load_average, machine_info, measure_peaks, peak_fields, row_dtype
+from .machine import (format_isa_limits, format_peaks, linear_shapes, load_average, machine_info, measure_peaks,
+                      peak_fields, row_dtype)
 from .train_child import OVER_BUDGET_EXIT, SETTINGS, build_model
 
 ROW_KEYS = ("setting", "impl", "max_batch", "s_per_step", "img_per_s", "batch_ratio", "throughput_pct",
@@ -300,6 +301,8 @@ def format_table(report: dict) -> str:
         f"{machine['threads']} threads, torch {machine['torch']}, load average {machine['load_average']} -> "
         f"{machine['load_average_end']}",
     ]
+    if machine.get("isa_limits"):
+        lines.append(format_isa_limits(machine["isa_limits"]))
     peaks = report.get("gemm_peaks") or {}
     for batch, measured in peaks.items():
         lines.append(format_peaks(measured, f" at batch {batch}"))
