@@ -336,3 +336,36 @@ def test_plain_autograd_without_the_lean_policy(tmp_path, monkeypatch):
     assert installed == ["none"]
     with pytest.raises(ConfigError, match="model.lean"):
         train(run_config(tmp_path / "ckpt", "model.lean=false", "model.grad_checkpointing=true"))
+
+
+def test_optimizer_is_fused_adamw_with_the_default_update():
+    """`swinkit train`'s AdamW runs fused on the CPU (one pass per parameter) and updates the weights as
+    torch's default per-parameter AdamW does, with the official weight-decay groups."""
+    from swinkit.train.optim import build_optimizer, fused_adamw_runs
+    torch.manual_seed(0)
+    model = swinkit.create_model(NANO)
+    twin = swinkit.create_model(NANO)
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
+    assert fused.defaults["fused"] and fused_adamw_runs(model.parameters())
+    twins = dict(twin.named_parameters())
+    plain = torch.optim.AdamW([{"params": [twins[name] for name in names], "weight_decay": group["weight_decay"]}
+                               for group, names in zip(fused.param_groups, _group_names(model, fused))],
+                              lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    assert not any(group["fused"] for group in plain.param_groups)
+    assert all(group["fused"] for group in fused.param_groups)
+    assert {group["weight_decay"] for group in fused.param_groups} == {0.0, 0.05}
+    images = torch.randn(2, 3, 32, 32)
+    for _ in range(3):
+        for net, optimizer in ((model, fused), (twin, plain)):
+            optimizer.zero_grad()
+            net(images).square().mean().backward()
+            optimizer.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not fused_adamw_runs([torch.zeros(2, dtype=torch.long)])
+
+
+def _group_names(model, optimizer) -> list[list[str]]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..precision import amp_dtype, denormals_flushed, flush_denormals
 from ..sysinfo import peak_rss, process_rss
 from ..train import lean
+from ..train.optim import build_optimizer
 from ..allocator import enable_huge_pages, keeping_freed_memory, returning_freed_memory
 
 OVER_BUDGET_EXIT = 75
@@ -136,7 +137,10 @@ def _run(args) -> int:
         else:
             Watchdog(args.budget, baseline).start()
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    if args.impl == "swinkit":  # the optimizer `swinkit train` builds (fused AdamW where PyTorch runs it)
+        optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
+    else:  # timm's training script builds torch's AdamW with its defaults
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     height = width = args.img_size or model_img_size(model)
     images = torch.randn(args.batch, 3, height, width, device=device)
     labels = torch.randint(0, getattr(model, "num_classes", 1000), (args.batch,), device=device)
