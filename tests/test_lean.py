@@ -96,3 +96,28 @@ def test_lean_policy_leaves_eval_outputs_and_state_dict_alone(version):
         torch.testing.assert_close(model(x), plain, atol=1e-5, rtol=0)
     lean.uninstall(model)
     assert type(model.layers[0].blocks[0]) is type(SwinTransformer(CONFIG).layers[0].blocks[0])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("size", [(64, 64), (64, 70)])  # 64x70 pads and masks
+def test_lean_attention_backward_kernel_equals_matmuls(version, size, monkeypatch):
+    """fp32 on the CPU the lean attention's backward runs swinkit's kernel (probabilities rebuilt per
+    window and head); its gradients equal those of the batched-matmul backward it replaces, for v1's
+    scaled dot product and v2's cosine attention (the temperature's gradient included)."""
+    from swinkit import native
+    from swinkit.train.lean import kernels
+    if not native.kernels_available():
+        pytest.skip("swinkit's kernels could not be built here")
+    model = perturbed(version, torch.float32)
+    lean.install(model)
+    x = torch.randn(2, 3, *size)
+    calls = []
+    real = kernels._kernel_gradients
+    monkeypatch.setattr(kernels, "_kernel_gradients", lambda *args: calls.append(1) or real(*args))
+    _, with_kernel = loss_and_grads(model, x)
+    assert len(calls) == sum(CONFIG.depths)  # every block's attention
+    monkeypatch.setattr(native, "window_attention_applies", lambda *args: False)
+    _, with_matmuls = loss_and_grads(model, x)
+    assert len(calls) == sum(CONFIG.depths)
+    for name, grad in with_matmuls.items():
+        assert torch.allclose(with_kernel[name], grad, rtol=1e-4, atol=1e-6), name

@@ -100,6 +100,51 @@ def test_fused_window_attention_uses_the_kernel(monkeypatch, cosine):
     torch.testing.assert_close(fused, plain, atol=2e-5, rtol=1e-5)
 
 
+def _autograd_gradients(q, k, v, bias, grad_out, q_scale):
+    """The gradients of the plain definition (fp32 autograd): q's times q_scale per head."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v, bias)]
+    window_attention(*leaves, 1.0, cosine=False).backward(grad_out.float())
+    grad_q, grad_k, grad_v, grad_bias = (t.grad for t in leaves)
+    return grad_q * q_scale.view(1, 1, -1, 1, 1), grad_k, grad_v, grad_bias
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("tokens,head_dim", [(49, 32), (64, 32), (16, 8), (1, 4), (17, 24), (33, 64), (49, 40)])
+@pytest.mark.parametrize("per_window", [False, True])
+def test_backward_kernel_equals_autograd(tokens, head_dim, per_window):
+    """The training backward (`native.window_attention_backward`) against autograd of the plain definition:
+    every block shape, masked and padded keys, shared bias (its gradient summed over windows and images)
+    and per-window bias; the gradients of q, k and v are token-major views, so merging heads copies nothing."""
+    batch, windows, heads = 3, 2, 2
+    q, k, v = _qkv(batch, windows, heads, tokens, head_dim)
+    grad_out = _qkv(batch, windows, heads, tokens, head_dim, seed=5)[0]
+    bias = _bias(windows if per_window else 1, heads, tokens)
+    q_scale = torch.tensor([0.5, 2.0])
+    got = native.window_attention_backward(q, k, v, bias, grad_out, q_scale)
+    expected = _autograd_gradients(q, k, v, bias, grad_out, q_scale)
+    for name, a, b in zip(("q", "k", "v", "bias"), got, expected):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+    for grad in got[:3]:
+        assert merge_heads(grad).data_ptr() == grad.data_ptr()
+
+
+@pytest.mark.usefixtures("kernels")
+def test_backward_kernel_in_bf16_and_bad_input():
+    """bf16 q, k, v, grad_out: fp32 arithmetic, gradients rounded once (the bias gradient stays fp32);
+    mismatched shapes are refused with the op's name."""
+    q, k, v = (t.bfloat16() for t in _qkv(2, 2, 2, 49, 32))
+    grad_out = _qkv(2, 2, 2, 49, 32, seed=5)[0].bfloat16()
+    bias, q_scale = _bias(2, 2, 49), torch.ones(2)
+    got = native.window_attention_backward(q, k, v, bias, grad_out, q_scale)
+    expected = _autograd_gradients(q, k, v, bias, grad_out, q_scale)
+    assert [t.dtype for t in got] == [torch.bfloat16] * 3 + [torch.float32]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b.to(a.dtype).float(), atol=0.02, rtol=0.02)
+    with pytest.raises(RuntimeError, match="window_attention_backward: q, k, v, grad_out must be"):
+        native.window_attention_backward(q, k, v, bias, grad_out[:, :1], q_scale)
+
+
 @pytest.mark.usefixtures("kernels")
 def test_kernel_applies_only_where_it_can():
     q, k, v = _qkv(1, 2, 2, 49, 32)
@@ -178,7 +223,7 @@ def test_kernel_built_for_avx2_only_agrees():
     import subprocess
     import sys
     env = dict(os.environ, **{native.MARCH_ENV: "x86-64-v3"})
-    selected = "kernel_equals or bf16_is_fp32 or any_strides or uses_the_kernel"
+    selected = "kernel_equals or bf16_is_fp32 or any_strides or uses_the_kernel or backward_kernel"
     done = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
                            __file__, "-k", selected], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

@@ -125,6 +125,16 @@ def window_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and kernels_available())
 
 
+def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor,
+                              grad_out: torch.Tensor, q_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients of `window_attention(q, k, v, attn_bias)` for `grad_out` (`[B, W, H, N, D]`, q's dtype),
+    the probabilities recomputed per window and head in fp32: (grad q times `q_scale` per head `[H]`, grad k,
+    grad v: `[B, W, H, N, D]` views of token-major memory, so `merge_heads` is a view; grad attn_bias: fp32 of
+    attn_bias's shape, summed over the images). The lean training policy's attention backward, where
+    `window_attention_applies`."""
+    return tuple(torch.ops.swinkit.window_attention_backward(q, k, v, attn_bias, grad_out, q_scale))
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T + attn_bias) v per window and head: q, k, v `[B, W, H, N, D]` of one dtype in `DTYPES`
     (D contiguous, other strides free), attn_bias `[W or 1, H, N, N]` (cast to q's dtype); scores and

@@ -32,6 +32,7 @@ constexpr int ROWS = 4;          // query rows per register block
 constexpr int L = 8;
 constexpr int ROWS = 2;
 #endif
+constexpr int GRAD_ROWS = ROWS / 2;  // the backward's row block: it keeps two or three times the accumulators
 constexpr int MAX_TOKENS = 64;   // N and D up to 64
 constexpr int MAX_VECTORS = MAX_TOKENS / L;
 constexpr float NEG = -1e30f;    // bias of the padding lanes: exp() gives exactly 0
@@ -354,12 +355,224 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out.permute({0, 1, 3, 2, 4});
 }
 
+
+// ------------------------------------------------------------------------------------------- backward
+// The gradients of out = softmax(q k^T + bias) v for one (image, window, head), recomputing the
+// probabilities (training keeps only q, k and v): with P the probabilities and dO the output's gradient,
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),  dQ = dS K,  dK = dS^T Q,  dBias += dS.
+// Scratch: kT, vT [D][NP]; p, ds [N][NP] (fp32); dbias: this thread's [N][N] accumulator.
+template <typename T>
+struct GradItem {
+  const T *q, *k, *v, *g;  // g: the output's gradient
+  const float* bias;       // fp32, rows N apart
+  float* dbias;            // fp32 accumulator, rows N apart
+  T *dq, *dk, *dv;
+  int64_t sq, sk, sv, sg, so;  // row strides (elements); so: of dq, dk, dv (token-major)
+  float q_scale;               // dq is multiplied by it
+};
+
+template <typename T, int NV, int DV>
+void attend_backward(const GradItem<T>& it, int N, int D, float* kT, float* vT, float* p, float* ds) {
+  constexpr int NP = NV * L;
+  const int n_tail = N - (NV - 1) * L, d_tail = D - (DV - 1) * L;
+  transpose_keys(it.k, it.sk, N, D, kT, NP);
+  transpose_keys(it.v, it.sv, N, D, vT, NP);
+  for (int i0 = 0; i0 < N; i0 += GRAD_ROWS) {
+    const int rows = std::min(GRAD_ROWS, N - i0);
+    const T *q[GRAD_ROWS], *g[GRAD_ROWS];
+    for (int r = 0; r < GRAD_ROWS; ++r) {
+      q[r] = it.q + std::min(i0 + r, N - 1) * it.sq;
+      g[r] = it.g + std::min(i0 + r, N - 1) * it.sg;
+    }
+    vf s[GRAD_ROWS][NV], dp[GRAD_ROWS][NV];
+    for (int r = 0; r < GRAD_ROWS; ++r)
+      for (int t = 0; t < NV; ++t) s[r][t] = dp[r][t] = splat(0.0f);
+    for (int c = 0; c < D; ++c) {
+      for (int t = 0; t < NV; ++t) {
+        const vf kc = load(kT + c * NP + t * L), vc = load(vT + c * NP + t * L);
+        for (int r = 0; r < GRAD_ROWS; ++r) {
+          s[r][t] += splat(scalar(q[r][c])) * kc;
+          dp[r][t] += splat(scalar(g[r][c])) * vc;
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float* b = it.bias + (i0 + r) * N;
+      for (int t = 0; t < NV - 1; ++t) s[r][t] += load(b + t * L);
+      s[r][NV - 1] += load_tail(b + (NV - 1) * L, n_tail, NEG);
+      vf m = s[r][0];
+      for (int t = 1; t < NV; ++t) m = s[r][t] > m ? s[r][t] : m;
+      const vf top = splat(reduce_max(m));
+      vf e[NV], sum = splat(0.0f);
+      for (int t = 0; t < NV; ++t) {
+        e[t] = exp_nonpositive(s[r][t] - top);
+        sum += e[t];
+      }
+      const vf inv = splat(1.0f / reduce_sum(sum));
+      vf delta = splat(0.0f);
+      for (int t = 0; t < NV; ++t) {
+        e[t] *= inv;  // the probabilities; 0 in the padding lanes
+        delta += e[t] * dp[r][t];
+      }
+      const vf row_delta = splat(reduce_sum(delta));
+      float* dbias = it.dbias + (i0 + r) * N;
+      for (int t = 0; t < NV; ++t) {
+        const vf d = e[t] * (dp[r][t] - row_delta);
+        store(p + (i0 + r) * NP + t * L, e[t]);
+        store(ds + (i0 + r) * NP + t * L, d);
+        if (t < NV - 1) {
+          store(dbias + t * L, load(dbias + t * L) + d);
+        } else {
+          store_tail(dbias + t * L, load_tail(dbias + t * L, n_tail, 0.0f) + d, n_tail);
+        }
+      }
+    }
+  }
+  // dQ = dS K (rows of dS), dK = dS^T Q and dV = P^T dO (columns of dS and P), GRAD_ROWS output rows at a time
+  for (int i0 = 0; i0 < N; i0 += GRAD_ROWS) {
+    const int rows = std::min(GRAD_ROWS, N - i0);
+    int idx[GRAD_ROWS];
+    for (int r = 0; r < GRAD_ROWS; ++r) idx[r] = std::min(i0 + r, N - 1);
+    vf oq[GRAD_ROWS][DV], ok[GRAD_ROWS][DV], ov[GRAD_ROWS][DV];
+    for (int r = 0; r < GRAD_ROWS; ++r)
+      for (int t = 0; t < DV; ++t) oq[r][t] = ok[r][t] = ov[r][t] = splat(0.0f);
+    for (int j = 0; j < N; ++j) {
+      const T *kj = it.k + j * it.sk, *qj = it.q + j * it.sq, *gj = it.g + j * it.sg;
+      vf kv[DV], qv[DV], gv[DV];
+      for (int t = 0; t < DV; ++t) {
+        const bool tail = t == DV - 1;
+        kv[t] = tail ? load_tail(kj + t * L, d_tail, 0.0f) : load(kj + t * L);
+        qv[t] = tail ? load_tail(qj + t * L, d_tail, 0.0f) : load(qj + t * L);
+        gv[t] = tail ? load_tail(gj + t * L, d_tail, 0.0f) : load(gj + t * L);
+      }
+      for (int r = 0; r < GRAD_ROWS; ++r) {
+        const vf a = splat(ds[idx[r] * NP + j]);      // dS[i][j]: row i of dS
+        const vf b = splat(ds[j * NP + idx[r]]);      // dS[j][i]: column i of dS
+        const vf c = splat(p[j * NP + idx[r]]);       // P[j][i]
+        for (int t = 0; t < DV; ++t) {
+          oq[r][t] += a * kv[t];
+          ok[r][t] += b * qv[t];
+          ov[r][t] += c * gv[t];
+        }
+      }
+    }
+    const vf scale = splat(it.q_scale);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t at = (int64_t)(i0 + r) * it.so;
+      for (int t = 0; t < DV; ++t) {
+        const int n = t == DV - 1 ? d_tail : L;
+        store_tail(it.dq + at + t * L, oq[r][t] * scale, n);
+        store_tail(it.dk + at + t * L, ok[r][t], n);
+        store_tail(it.dv + at + t * L, ov[r][t], n);
+      }
+    }
+  }
+}
+
+template <typename T>
+using GradKernel = void (*)(const GradItem<T>&, int, int, float*, float*, float*, float*);
+
+template <typename T, int NV, int DV = 1>
+GradKernel<T> pick_grad_d(int dv) {
+  if constexpr (DV < MAX_VECTORS) {
+    if (dv > DV) return pick_grad_d<T, NV, DV + 1>(dv);
+  }
+  return &attend_backward<T, NV, DV>;
+}
+
+template <typename T, int NV = 1>
+GradKernel<T> pick_grad(int nv, int dv) {
+  if constexpr (NV < MAX_VECTORS) {
+    if (nv > NV) return pick_grad<T, NV + 1>(nv, dv);
+  }
+  return pick_grad_d<T, NV>(dv);
+}
+
+template <typename T>
+void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                  const at::Tensor& g, const at::Tensor& q_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                  at::Tensor& dbias) {
+  const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
+  const int nv = (int)((N + L - 1) / L), dvn = (int)((D + L - 1) / L);
+  const GradKernel<T> kernel = pick_grad<T>(nv, dvn);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *gp = g.data_ptr<T>();
+  const float* bp = bias.data_ptr<float>();
+  const float* sp = q_scale.data_ptr<float>();
+  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+  const int64_t BW = bias.size(0), bias_items = BW * H * N * N;
+  const int threads = at::get_num_threads();
+  std::vector<float> partial((size_t)threads * bias_items, 0.0f);  // one dbias per thread, summed below
+  // (window, head) outermost so each thread's items share bias rows; images innermost
+  at::parallel_for(0, B * W * H, 1, [&](int64_t begin, int64_t end) {
+    float* mine = partial.data() + (size_t)at::get_thread_num() * bias_items;
+    std::vector<float> kT(D * nv * L), vT(D * nv * L), p(N * nv * L), ds(N * nv * L);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index % B, h = (index / B) % H, w = index / (B * H);
+      const int64_t bw = BW == 1 ? 0 : w;
+      const int64_t out_at = ((b * W + w) * N * H + h) * D;
+      const GradItem<T> it{qp + b * q.stride(0) + w * q.stride(1) + h * q.stride(2),
+                           kp + b * k.stride(0) + w * k.stride(1) + h * k.stride(2),
+                           vp + b * v.stride(0) + w * v.stride(1) + h * v.stride(2),
+                           gp + b * g.stride(0) + w * g.stride(1) + h * g.stride(2),
+                           bp + (bw * H + h) * N * N, mine + (bw * H + h) * N * N,
+                           dqp + out_at, dkp + out_at, dvp + out_at,
+                           q.stride(3), k.stride(3), v.stride(3), g.stride(3), H * D, sp[h]};
+      kernel(it, (int)N, (int)D, kT.data(), vT.data(), p.data(), ds.data());
+    }
+  });
+  float* out = dbias.data_ptr<float>();
+  for (int t = 0; t < threads; ++t) {
+    const float* part = partial.data() + (size_t)t * bias_items;
+    for (int64_t i = 0; i < bias_items; ++i) out[i] += part[i];
+  }
+}
+
+// q, k, v, grad_out: [B, W, H, N, D] (q, k, v as the forward took them: q already scaled), bias: [W or 1, H, N, N],
+// q_scale: [H] fp32 (dq is multiplied by it). Returns dq, dk, dv ([B, W, H, N, D] views of token-major memory)
+// and dbias (fp32, the bias's shape, summed over the images).
+std::vector<at::Tensor> window_attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& bias_, const at::Tensor& grad_out,
+                                                  const at::Tensor& q_scale_) {
+  TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.sizes() == q.sizes() && grad_out.sizes() == q.sizes(),
+              "swinkit.window_attention_backward: q, k, v, grad_out must be [B, W, H, N, D] of one shape, got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes(), ", ", grad_out.sizes());
+  for (const at::Tensor* t : {&q, &k, &v, &grad_out}) {
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "swinkit.window_attention_backward: float32 or bfloat16 CPU tensors of one dtype, got ",
+                t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->stride(4) == 1, "swinkit.window_attention_backward: head_dim must be contiguous");
+  }
+  const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
+  TORCH_CHECK(N >= 1 && N <= MAX_TOKENS && D >= 1 && D <= MAX_TOKENS,
+              "swinkit.window_attention_backward: windows of 1..64 tokens and head_dim 1..64, got N=", N, ", D=", D);
+  const at::Tensor bias = bias_.to(at::kFloat).contiguous();
+  TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == 1 || bias.size(0) == W) && bias.size(1) == H &&
+              bias.size(2) == N && bias.size(3) == N,
+              "swinkit.window_attention_backward: bias must be [W or 1, H, N, N], got ", bias.sizes());
+  const at::Tensor q_scale = q_scale_.to(at::kFloat).contiguous();
+  TORCH_CHECK(q_scale.numel() == H, "swinkit.window_attention_backward: q_scale must have one value per head, got ",
+              q_scale.sizes());
+  at::Tensor dq = at::empty({B, W, N, H, D}, q.options()), dk = at::empty({B, W, N, H, D}, q.options()),
+             dv = at::empty({B, W, N, H, D}, q.options());
+  at::Tensor dbias = at::zeros(bias.sizes(), bias.options());
+  if (q.scalar_type() == at::kFloat) {
+    run_backward<float>(q, k, v, bias, grad_out, q_scale, dq, dk, dv, dbias);
+  } else {
+    run_backward<bf16>(q, k, v, bias, grad_out, q_scale, dq, dk, dv, dbias);
+  }
+  return {dq.permute({0, 1, 3, 2, 4}), dk.permute({0, 1, 3, 2, 4}), dv.permute({0, 1, 3, 2, 4}), dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(swinkit, m) {
   m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias) -> Tensor");
+  m.def("window_attention_backward(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor grad_out, Tensor q_scale) "
+        "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(swinkit, CPU, m) {
   m.impl("window_attention", &window_attention);
+  m.impl("window_attention_backward", &window_attention_backward);
 }

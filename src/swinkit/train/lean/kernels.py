@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ... import native
 from ... import onednn as gemm
-from ...models.attention import LOG_MAX_TEMPERATURE, attention_probs, merge_heads, split_heads
+from ...models.attention import LOG_MAX_TEMPERATURE, attention_probs, merge_heads, scaled_query_key, split_heads
 
 aten = torch.ops.aten
 
@@ -150,6 +151,8 @@ class _WindowAttention(torch.autograd.Function):
         heads_q, heads_k, heads_v = (split_heads(t, window, num_heads) for t in (q, k, v))
         probs = attention_probs(heads_q, heads_k, attn_bias, temperature, logit_scale is not None)
         out = torch.matmul(probs, heads_v)
+        # swinkit's kernel (backward) rebuilds the probabilities in registers: nothing to keep for it
+        keep_probs = keep_probs and not native.window_attention_applies(heads_q, heads_k, heads_v, attn_bias)
         ctx.save_for_backward(q, k, v, attn_bias, logit_scale, probs if keep_probs else None)
         ctx.scale, ctx.window, ctx.num_heads = scale, window, num_heads
         return merge_heads(out)
@@ -160,36 +163,53 @@ class _WindowAttention(torch.autograd.Function):
         cosine = logit_scale is not None
         temperature = logit_scale.clamp(max=LOG_MAX_TEMPERATURE).exp() if cosine else ctx.scale
         q, k, v = (split_heads(t, ctx.window, ctx.num_heads) for t in (q, k, v))
-        if probs is None:
-            probs = attention_probs(q, k, attn_bias, temperature, cosine)  # [B, nW, heads, N, N]
         grad_o = split_heads(grad_out.to(q.dtype), ctx.window, ctx.num_heads)
-        grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
-        grad_probs = torch.matmul(grad_o, v.transpose(-2, -1))
-        softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-        grad_scores = aten._softmax_backward_data(grad_probs.to(softmax_dtype), probs.to(softmax_dtype), -1,
-                                                  softmax_dtype)
-        grad_bias = grad_scores.sum(0)  # [nW, heads, N, N]
-        if attn_bias.shape[0] == 1:
-            grad_bias = grad_bias.sum(0, keepdim=True)
-        grad_bias = grad_bias.to(attn_bias.dtype)
-        grad_scores = grad_scores.to(q.dtype)
-        grad_logit_scale = None
-        if not cosine:
-            grad_q = torch.matmul(grad_scores, k) * ctx.scale
-            grad_k = torch.matmul(grad_scores.transpose(-2, -1), q * ctx.scale)
+        if native.window_attention_applies(q, k, v, attn_bias):  # swinkit's CPU kernel: probabilities recomputed
+            grad_q, grad_k, grad_v, grad_bias = _kernel_gradients(q, k, v, attn_bias, grad_o, temperature, cosine)
         else:
+            grad_q, grad_k, grad_v, grad_bias = _matmul_gradients(q, k, v, attn_bias, grad_o, temperature, cosine,
+                                                                  probs)
+        grad_logit_scale = None
+        if cosine:  # grad_q, grad_k are the gradients of q / |q| (times the temperature) and k / |k|
             q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             q_unit, k_unit = q / q_norm, k / k_norm
-            grad_q_unit = torch.matmul(grad_scores, k_unit) * temperature.to(q.dtype)
-            grad_k_unit = torch.matmul(grad_scores.transpose(-2, -1), q_unit) * temperature.to(q.dtype)
-            grad_temperature = (grad_q_unit * q_unit).to(temperature.dtype).sum(dim=(0, 1, 3, 4))
+            grad_temperature = (grad_q * q_unit).to(temperature.dtype).sum(dim=(0, 1, 3, 4))
             grad_temperature = grad_temperature.view_as(temperature) / temperature
             grad_logit_scale = grad_temperature * temperature * (logit_scale <= LOG_MAX_TEMPERATURE)
-            grad_q = (grad_q_unit - q_unit * (grad_q_unit * q_unit).sum(-1, keepdim=True)) / q_norm
-            grad_k = (grad_k_unit - k_unit * (grad_k_unit * k_unit).sum(-1, keepdim=True)) / k_norm
-        return (merge_heads(grad_q), merge_heads(grad_k), merge_heads(grad_v), grad_bias, grad_logit_scale,
-                None, None, None, None)
+            grad_q = (grad_q - q_unit * (grad_q * q_unit).sum(-1, keepdim=True)) / q_norm
+            grad_k = (grad_k - k_unit * (grad_k * k_unit).sum(-1, keepdim=True)) / k_norm
+        if attn_bias.shape[0] == 1 and grad_bias.shape[0] != 1:
+            grad_bias = grad_bias.sum(0, keepdim=True)
+        return (merge_heads(grad_q), merge_heads(grad_k), merge_heads(grad_v), grad_bias.to(attn_bias.dtype),
+                grad_logit_scale, None, None, None, None)
+
+
+def _matmul_gradients(q, k, v, attn_bias, grad_o, temperature, cosine: bool, probs):
+    """(grad q, grad k, grad v, grad bias) by batched matmuls, the probabilities recomputed unless given;
+    v2 (cosine): the gradients of temperature * q / |q| and k / |k| in place of q's and k's."""
+    if probs is None:
+        probs = attention_probs(q, k, attn_bias, temperature, cosine)  # [B, nW, heads, N, N]
+    grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
+    grad_probs = torch.matmul(grad_o, v.transpose(-2, -1))
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    grad_scores = aten._softmax_backward_data(grad_probs.to(softmax_dtype), probs.to(softmax_dtype), -1,
+                                              softmax_dtype)
+    grad_bias = grad_scores.sum(0)  # [nW, heads, N, N]
+    grad_scores = grad_scores.to(q.dtype)
+    scaled_q, scaled_k = scaled_query_key(q, k, temperature, cosine)
+    grad_q = torch.matmul(grad_scores, scaled_k) * (temperature.to(q.dtype) if cosine else temperature)
+    grad_k = torch.matmul(grad_scores.transpose(-2, -1), scaled_q)
+    return grad_q, grad_k, grad_v, grad_bias
+
+
+def _kernel_gradients(q, k, v, attn_bias, grad_o, temperature, cosine: bool):
+    """`_matmul_gradients` by swinkit's CPU kernel (`native.window_attention_backward`): per window and head,
+    the probabilities rebuilt in registers, nothing of size N x N stored."""
+    scaled_q, scaled_k = scaled_query_key(q, k, temperature, cosine)
+    heads = q.shape[2]
+    q_scale = temperature.reshape(heads) if cosine else torch.full((heads,), float(temperature))
+    return native.window_attention_backward(scaled_q, scaled_k, v, attn_bias, grad_o, q_scale)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor,
