@@ -124,7 +124,8 @@ def test_backward_kernel_equals_autograd(tokens, head_dim, per_window):
     expected = _autograd_gradients(q, k, v, bias, grad_out, q_scale)
     for name, a, b in zip(("q", "k", "v", "bias"), got, expected):
         assert a.shape == b.shape, name
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+        # fp32 rounding of sums of up to 64 terms, relative to the gradient's size (|grad q| reaches ~100 here)
+        torch.testing.assert_close(a, b, atol=2e-6 * float(b.abs().max()), rtol=1e-4, msg=name)
     for grad in got[:3]:
         assert merge_heads(grad).data_ptr() == grad.data_ptr()
 
