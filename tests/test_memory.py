@@ -300,3 +300,15 @@ def test_apply_memory_budget_sets_the_plan_and_logs_it():
     assert messages == [plan.summary]
     with pytest.raises(ValueError, match="too small for any batch"):
         memory.apply_memory_budget(model, 4, "1MB")
+
+
+def test_bench_train_timing_runs_warm_up_as_asked(monkeypatch):
+    """A fixed batch's timing child trains `warmup` untimed steps before its timed ones (a kept heap grows
+    over the first steps); the table says how many."""
+    calls = []
+    real = bench_train_module.run_child
+    monkeypatch.setattr(bench_train_module, "run_child", lambda *a, **k: calls.append(k) or real(*a, **k))
+    report = bench_train(TINY, "24GB", ["none"], steps=2, warmup=2, batch=1, threads=1, measure_peak=False)
+    timing = [k for k in calls if k.get("steps") == 2]
+    assert len(timing) == 1 and timing[0]["warmup"] == 2
+    assert report["warmup"] == 2 and "2 timed step(s) after 2 warm-up step(s)" in format_table(report)

@@ -174,13 +174,16 @@ class _Planner:
 
 
 def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "recompute", "recompute+amp"), *,
-                compare: tuple[str, ...] = (), steps: int = 2, img_size: int | None = None, max_batch: int = 4096,
+                compare: tuple[str, ...] = (), steps: int = 2, warmup: int = 3, img_size: int | None = None,
+                max_batch: int = 4096,
                 batch: int | None = None, tolerance: float = 0.0, device: str = "cpu", threads: int | None = None,
                 child_timeout: float | None = None, measure_peak: bool = True, log=None) -> dict:
     """Measure every setting; returns {"rows": [...], "machine": {...}, "saved_bytes_per_image": {...},
     "gemm_peaks": {batch: `machine.measure_peaks`}, ...}.
 
-    `batch` skips the search and measures that batch only (its row says whether it fit). The GEMM peaks
+    `batch` skips the search and measures that batch only (its row says whether it fit). Each timing run
+    trains `warmup` untimed steps first: where freed memory is kept, glibc's heap grows over the first steps
+    (each fresh page zeroed once), so one warm-up step understates the steady state. The GEMM peaks
     (CPU only; `measure_peak`) are measured after the children, at every batch a row trained.
     """
     budget = parse_size(budget)
@@ -207,12 +210,13 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
     for setting, impl, denormals in jobs:  # first every search, then every timing run back to back (same load)
         amp, recompute = "amp" in setting, "recompute" in setting and impl == "swinkit"
 
-        def probe(candidate, steps_=1, setting=setting, impl=impl, amp=amp, recompute=recompute, denormals=denormals):
+        def probe(candidate, steps_=1, warmup_=1, setting=setting, impl=impl, amp=amp, recompute=recompute,
+                  denormals=denormals):
             plan = planner.plan(candidate, amp) if recompute else None
             returning = impl == "swinkit" and (device != "cpu" or planner.binds(candidate, amp, plan))
             allocator = "glibc" if impl != "swinkit" else "return" if returning else "keep"
-            result = run_child(model_name, candidate, setting=setting, budget=budget, steps=steps_, plan=plan,
-                               impl=impl, allocator=allocator, denormals=denormals, **child)
+            result = run_child(model_name, candidate, setting=setting, budget=budget, steps=steps_, warmup=warmup_,
+                               plan=plan, impl=impl, allocator=allocator, denormals=denormals, **child)
             result.result["returns_freed_memory"] = returning
             result.result["allocator"] = allocator
             if impl == "swinkit":
@@ -223,14 +227,14 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
             return result
 
         if batch is not None:
-            best = probe(batch, steps)
+            best = probe(batch, steps, warmup)
             found[setting, impl, denormals] = (best if best.fits else None, probe)
         else:
             found[setting, impl, denormals] = (search_max_batch(probe, max_batch, tolerance)[0], probe)
     rows = []
     for (setting, impl, denormals), (best, probe) in found.items():
         if best is not None and batch is None and steps > 1:
-            timed = probe(best.batch, steps)
+            timed = probe(best.batch, steps, warmup)
             best = timed if timed.fits else best  # a timing run that crept over keeps the search result
         amp = "amp" in setting
         label = setting if impl == "swinkit" else f"timm {setting}{' ftz' if denormals == 'flush' else ''}"
@@ -256,7 +260,8 @@ def bench_train(model_name: str, budget: int | str, settings=("none", "amp", "re
         row["batch_ratio"] = row["max_batch"] / reference["max_batch"] if reference else None
         row["throughput_pct"] = (100 * row["img_per_s"] / reference["img_per_s"]
                                  if reference and row["img_per_s"] else None)
-    report = {"model": model_name, "img_size": img_size, "budget_bytes": budget, "steps": steps, "fixed_batch": batch,
+    report = {"model": model_name, "img_size": img_size, "budget_bytes": budget, "steps": steps, "warmup": warmup,
+              "fixed_batch": batch,
               "machine": machine_info(device), "saved_bytes_per_image": saved, "rows": rows, "gemm_peaks": {}}
     if measure_peak and device == "cpu":  # the children are done: the machine is as quiet as for them
         threads_before = torch.get_num_threads()
@@ -295,7 +300,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"swinkit bench train: {report['model']} at {report['img_size']}px, memory budget "
         f"{format_size(report['budget_bytes'])}, AdamW + cross-entropy on synthetic data, "
-        f"{report['steps']} timed step(s)"
+        f"{report['steps']} timed step(s) after {report.get('warmup', 1)} warm-up step(s)"
         + (f"; fixed batch {report['fixed_batch']} (no search)" if report.get("fixed_batch") else ""),
         f"{machine.get('gpu') or machine['cpu']} ({machine['cpu_capability']}, bf16 instructions: {units}), "
         f"{machine['threads']} threads, torch {machine['torch']}, load average {machine['load_average']} -> "
@@ -358,7 +363,7 @@ def _cmd_train(args) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
     report = bench_train(args.model, args.memory_budget, settings, compare=tuple(args.compare or ()),
-                         steps=args.steps, img_size=args.img_size, max_batch=args.max_batch, batch=args.batch,
+                         steps=args.steps, warmup=args.warmup, img_size=args.img_size, max_batch=args.max_batch, batch=args.batch,
                          tolerance=args.tolerance, device=args.device, threads=args.threads,
                          measure_peak=not args.no_peak, log=log)
     if args.json:
@@ -381,6 +386,8 @@ def register_train(bench_subparsers) -> None:
                         help="also measure timm's model of the same architecture: timm (as timm runs: the process's "
                              "default float mode), timm-ftz (with denormals flushed, as swinkit trains)")
     parser.add_argument("--steps", type=positive_int, default=2, help="timed steps at the final batch (default 2)")
+    parser.add_argument("--warmup", type=positive_int, default=3,
+                        help="untimed steps before them (default 3: a kept heap grows over the first steps)")
     parser.add_argument("--img-size", type=positive_int, default=None)
     parser.add_argument("--max-batch", type=positive_int, default=4096, help="stop the search here")
     parser.add_argument("--batch", type=positive_int, default=None, help="measure this batch only (no search)")
