@@ -363,7 +363,8 @@ def _cmd_train(args) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
     report = bench_train(args.model, args.memory_budget, settings, compare=tuple(args.compare or ()),
-                         steps=args.steps, warmup=args.warmup, img_size=args.img_size, max_batch=args.max_batch, batch=args.batch,
+                         steps=args.steps, warmup=args.warmup, img_size=args.img_size, max_batch=args.max_batch,
+                         batch=args.batch,
                          tolerance=args.tolerance, device=args.device, threads=args.threads,
                          measure_peak=not args.no_peak, log=log)
     if args.json:

@@ -12,7 +12,8 @@ rounding):
 - window attention: plain autograd keeps the attention probabilities
   `[B, num_windows, heads, N, N]` (and copies of q, k, v). `window_attention`
   keeps only the fused qkv projection and recomputes the probabilities (and v2's
-  cosine normalisation) in backward.
+  cosine normalisation) in backward: on the CPU in swinkit's kernel
+  (`native.window_attention_backward`, no N x N tensor at all), else by batched matmuls.
 
 Each is the hand-written gradient of a branch of the one model definition (`models/`) and is
 tested equal to autograd of that definition; `train.lean` installs them on a model.
@@ -187,7 +188,8 @@ class _WindowAttention(torch.autograd.Function):
 
 def _matmul_gradients(q, k, v, attn_bias, grad_o, temperature, cosine: bool, probs):
     """(grad q, grad k, grad v, grad bias) by batched matmuls, the probabilities recomputed unless given;
-    v2 (cosine): the gradients of temperature * q / |q| and k / |k| in place of q's and k's."""
+    v2 (cosine): the gradients with respect to q / |q| and k / |k| (the normalisation's own gradient is
+    the caller's)."""
     if probs is None:
         probs = attention_probs(q, k, attn_bias, temperature, cosine)  # [B, nW, heads, N, N]
     grad_v = torch.matmul(probs.transpose(-2, -1), grad_o)
