@@ -285,28 +285,31 @@ void attend(const Item<T>& it, int N, int D, float* kT, float* p) {
 template <typename T>
 using Kernel = void (*)(const Item<T>&, int, int, float*, float*);
 
-// attend<T, NV, DV, FULL_D> for every NV, DV in 1..MAX_VECTORS, chosen at run time.
-template <typename T, int NV, bool FULL_D, int DV = 1>
-Kernel<T> pick_d(int dv) {
-  if constexpr (DV < MAX_VECTORS) {
-    if (dv > DV) return pick_d<T, NV, FULL_D, DV + 1>(dv);
+// The instantiation of a kernel template for NV key vectors and DV head_dim vectors (each 1..MAX_VECTORS),
+// chosen at run time; `Family::get<NV, DV>()` names it (forward: `Attend`, backward: `AttendBackward`).
+template <typename Family, int NV = 1, int DV = 1>
+typename Family::Fn pick(int nv, int dv) {
+  if constexpr (NV < MAX_VECTORS) {
+    if (nv > NV) return pick<Family, NV + 1, DV>(nv, dv);
   }
-  return &attend<T, NV, DV, FULL_D>;
+  if constexpr (DV < MAX_VECTORS) {
+    if (dv > DV) return pick<Family, NV, DV + 1>(nv, dv);
+  }
+  return Family::template get<NV, DV>();
 }
 
-template <typename T, bool FULL_D, int NV = 1>
-Kernel<T> pick_n(int nv, int dv) {
-  if constexpr (NV < MAX_VECTORS) {
-    if (nv > NV) return pick_n<T, FULL_D, NV + 1>(nv, dv);
-  }
-  return pick_d<T, NV, FULL_D>(dv);
-}
+template <typename T, bool FULL_D>
+struct Attend {
+  using Fn = Kernel<T>;
+  template <int NV, int DV>
+  static Fn get() { return &attend<T, NV, DV, FULL_D>; }
+};
 
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, at::Tensor& out) {
   const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
   const int nv = (int)((N + L - 1) / L), dv = (int)((D + L - 1) / L);
-  const Kernel<T> kernel = D % L == 0 ? pick_n<T, true>(nv, dv) : pick_n<T, false>(nv, dv);
+  const Kernel<T> kernel = D % L == 0 ? pick<Attend<T, true>>(nv, dv) : pick<Attend<T, false>>(nv, dv);
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *bp = bias.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool shared = bias.size(0) == 1;
@@ -472,21 +475,12 @@ void attend_backward(const GradItem<T>& it, int N, int D, float* kT, float* vT, 
 template <typename T>
 using GradKernel = void (*)(const GradItem<T>&, int, int, float*, float*, float*, float*);
 
-template <typename T, int NV, int DV = 1>
-GradKernel<T> pick_grad_d(int dv) {
-  if constexpr (DV < MAX_VECTORS) {
-    if (dv > DV) return pick_grad_d<T, NV, DV + 1>(dv);
-  }
-  return &attend_backward<T, NV, DV>;
-}
-
-template <typename T, int NV = 1>
-GradKernel<T> pick_grad(int nv, int dv) {
-  if constexpr (NV < MAX_VECTORS) {
-    if (nv > NV) return pick_grad<T, NV + 1>(nv, dv);
-  }
-  return pick_grad_d<T, NV>(dv);
-}
+template <typename T>
+struct AttendBackward {
+  using Fn = GradKernel<T>;
+  template <int NV, int DV>
+  static Fn get() { return &attend_backward<T, NV, DV>; }
+};
 
 template <typename T>
 void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
@@ -494,7 +488,7 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& dbias) {
   const int64_t B = q.size(0), W = q.size(1), H = q.size(2), N = q.size(3), D = q.size(4);
   const int nv = (int)((N + L - 1) / L), dvn = (int)((D + L - 1) / L);
-  const GradKernel<T> kernel = pick_grad<T>(nv, dvn);
+  const GradKernel<T> kernel = pick<AttendBackward<T>>(nv, dvn);
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *gp = g.data_ptr<T>();
   const float* bp = bias.data_ptr<float>();
   const float* sp = q_scale.data_ptr<float>();
