@@ -214,10 +214,9 @@ def bench_infer(model_name: str | None = None, *, weights: str | Path | None = N
     flops = flops_per_image(model, img_size)
     header = {
         "model": model.name or model_name or str(weights), "weights": str(weights) if weights else None,
-        "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3), "cpu": machine.cpu_name(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds, "warmup": warmup,
-        "load_average": machine.load_average(), "precisions": precisions, "freed_memory_kept": kept,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa_limits": machine.isa_limits(),
+        "img_size": list(img_size), "gflops_per_image": round(flops / 1e9, 3),
+        **machine.machine_info(),  # cpu, its capability and bf16 units, threads, torch, load, instruction-set limits
+        "rounds": rounds, "warmup": warmup, "precisions": precisions, "freed_memory_kept": kept,
         "notes": [note for note in (slow_precision_note(dtype, "cpu") for dtype in dtypes) if note],
     }
     try:

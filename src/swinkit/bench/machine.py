@@ -53,8 +53,8 @@ def format_isa_limits(limits: dict[str, str] | None) -> str:
 
 def machine_info(device: str = "cpu") -> dict:
     """{cpu, cpu_capability, bf16_units, threads, torch, load_average, isa_limits} (+ gpu on CUDA)."""
-    name, flags = cpu_info()
-    info = {"cpu": name or platform.processor() or platform.machine(),
+    flags = cpu_info()[1]
+    info = {"cpu": cpu_name(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_units": sorted(flags & BF16_UNITS),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": load_average(),

@@ -67,8 +67,8 @@ def fused_adamw_runs(params) -> bool:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a build without torch.distributed
         DTensor = ()
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p, DTensor)
-               and not isinstance(p.data, DTensor) for p in params)
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p.data, DTensor)
+               for p in params)
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas, eps: float,
