@@ -131,3 +131,7 @@ def test_limited_instruction_sets_are_stated_in_both_tables(monkeypatch):
     report = {"model": "m", "img_size": 32, "budget_bytes": 1 << 30, "steps": 1, "rows": [], "saved_bytes_per_image": {"swinkit": 1000},
               "machine": {**info, "load_average_end": 0.0}}
     assert "instruction sets limited: SWINKIT_NATIVE_MARCH=x86-64-v3" in format_train(report)
+    monkeypatch.setenv("SWINKIT_EMULATED_CPU", "avx2")  # as scripts/emulate_cpu.sh sets it
+    emulated = machine.format_isa_limits(machine.isa_limits())
+    assert "SWINKIT_EMULATED_CPU=avx2" in emulated and "ONNX Runtime included" in emulated
+    assert "cannot be limited" not in emulated

@@ -34,8 +34,10 @@ def load_average() -> float | None:
 
 # Environment variables that make the libraries use fewer instruction sets than the CPU has: a run with
 # `ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 SWINKIT_NATIVE_MARCH=x86-64-v3`
-# measures an AVX2-only CPU's code paths on an AVX-512 one. ONNX Runtime has no such switch.
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "SWINKIT_NATIVE_MARCH")
+# measures an AVX2-only CPU's code paths on an AVX-512 one. ONNX Runtime has no such switch;
+# `scripts/emulate_cpu.sh avx2 CMD` (SWINKIT_EMULATED_CPU) masks CPUID itself, for every library.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "SWINKIT_NATIVE_MARCH",
+              "SWINKIT_EMULATED_CPU")
 
 
 def isa_limits() -> dict[str, str]:
@@ -47,8 +49,11 @@ def format_isa_limits(limits: dict[str, str] | None) -> str:
     """A header line for a run with instruction sets limited ("" without limits)."""
     if not limits:
         return ""
-    return ("instruction sets limited: " + " ".join(f"{name}={value}" for name, value in limits.items())
-            + " (ONNX Runtime cannot be limited: its rows and the int8 peak's MatMulInteger use the whole CPU)")
+    line = "instruction sets limited: " + " ".join(f"{name}={value}" for name, value in limits.items())
+    if "SWINKIT_EMULATED_CPU" in limits:
+        return line + (f" (CPUID masked by scripts/emulate_cpu.sh: every library, ONNX Runtime included, runs "
+                       f"its {limits['SWINKIT_EMULATED_CPU']} code; the cores, caches and clocks are this CPU's)")
+    return line + " (ONNX Runtime cannot be limited: its rows and the int8 peak's MatMulInteger use the whole CPU)"
 
 
 def machine_info(device: str = "cpu") -> dict:
