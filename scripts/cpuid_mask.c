@@ -9,7 +9,8 @@
  * since Ivy Bridge, and KVM guests) makes CPUID raise SIGSEGV in this thread and the threads it starts; the
  * handler runs the real CPUID with faulting briefly off, clears the masked bits and steps over the
  * instruction. SIGSEGV handlers installed later (Python's faulthandler, say) are kept aside and called for
- * every other fault. Faulting is reset by execve; child processes load this library again from
+ * every other fault (those installed through sigaction() or signal(); a raw rt_sigaction system call would
+ * replace it). Faulting is reset by execve; child processes load this library again from
  * LD_PRELOAD. glibc chose its own string functions before any library runs: GLIBC_TUNABLES covers those.
  *
  * Build: gcc -O2 -shared -fPIC -o libcpuid_mask.so cpuid_mask.c -ldl   (scripts/emulate_cpu.sh does it)
@@ -112,6 +113,19 @@ int sigaction(int signal, const struct sigaction *action, struct sigaction *old)
     if (action != NULL)
         next_segv = *action;
     return 0;
+}
+
+/* glibc's signal() does not go through sigaction's PLT entry (GCC's cc1plus installs its SIGSEGV handler
+ * with it, and GMP inside it runs CPUID): the same for it. */
+sighandler_t signal(int signal, sighandler_t handler) {
+    struct sigaction action, old;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = handler;
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(signal, &action, &old) != 0)
+        return SIG_ERR;
+    return old.sa_handler; /* the same storage as sa_sigaction */
 }
 
 /* ---- /proc/cpuinfo with the same flags hidden ---- */

@@ -96,6 +96,31 @@ def test_other_segfaults_still_reach_python_faulthandler():
     assert result.returncode == -11 and "Fatal Python error: Segmentation fault" in result.stderr
 
 
+SIGNAL_PROBE = r"""
+#include <cpuid.h>
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+static void crashed(int sig) { (void)sig; static const char m[] = "own handler\n"; write(1, m, sizeof m - 1); _exit(3); }
+int main(void) {
+    unsigned a, b, c, d;
+    signal(SIGSEGV, crashed);  /* as GCC's cc1plus does, which then runs CPUID inside GMP */
+    __cpuid_count(7, 0, a, b, c, d);
+    printf("cpuid ok %u\n", (b >> 16) & 1);
+    fflush(stdout);
+    *(volatile int *)0 = 1;
+    return 0;
+}
+"""
+
+
+def test_a_handler_installed_with_signal_gets_other_faults_and_cpuid_still_works(tmp_path):
+    (tmp_path / "probe.c").write_text(SIGNAL_PROBE)
+    subprocess.run(["cc", "-O1", "-o", str(tmp_path / "probe"), str(tmp_path / "probe.c")], check=True)
+    result = _run(tmp_path / "probe")
+    assert result.returncode == 3 and result.stdout == "cpuid ok 0\nown handler\n", result
+
+
 def test_bad_arguments_get_one_clear_error():
     for args, message in ((["avx3", "true"], "unknown CPU kind 'avx3'"), (["avx2"], "usage:")):
         result = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
