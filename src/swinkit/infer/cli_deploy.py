@@ -107,7 +107,7 @@ def register(subparsers) -> None:
     quant.add_argument("--quantize-head", action="store_true", help="quantize the classifier too (default: float)")
     from .quantize import INT8_SCHEMES  # the CPU kinds and what each gets are defined there
     quant.add_argument("--cpu", choices=tuple(INT8_SCHEMES), help="CPU kind the file is for: vnni (AVX512-VNNI/AVX-VNNI/AMX: attention matmuls "
-                       "in INT8 too) or avx2 (7-bit weights, linears only); default: this machine's")
+                       "in INT8 too) or avx2 (the same with 7-bit weights); default: this machine's")
     quant.add_argument("--eval", help="image folder to report FP32 vs INT8 top-1/top-5 on")
     quant.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (default: all)")
     quant.add_argument("--json", action="store_true")
