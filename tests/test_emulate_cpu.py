@@ -11,16 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "emulate_cpu.sh"
 
 
-def _cpuid_fault() -> bool:
+def _flags() -> set[str]:
     try:
-        return "cpuid_fault" in Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
+        return set()
 
 
 pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.machine() != "x86_64" or not _cpuid_fault()
-    or shutil.which("cc") is None, reason="needs Linux x86-64 with CPUID faulting and a C compiler")
+    platform.system() != "Linux" or platform.machine() != "x86_64" or not {"cpuid_fault", "avx2"} <= _flags()
+    or shutil.which("cc") is None, reason="needs Linux x86-64 with AVX2, CPUID faulting and a C compiler")
 
 # Prints CPUID leaf 7 (subleaf 0: EBX ECX EDX, subleaf 1: EAX EDX) from the main thread and from a thread it
 # starts, then what GCC's own CPU detection says about AVX-512F.
