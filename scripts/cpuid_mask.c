@@ -182,68 +182,51 @@ static int filtered_cpuinfo(int (*open_real)(const char *, int, ...)) {
     return out;
 }
 
-static int is_cpuinfo(const char *path) { return masking && path != NULL && strcmp(path, "/proc/cpuinfo") == 0; }
+/* An fd of the filtered copy when `path` is /proc/cpuinfo opened for reading, else -1. */
+static int cpuinfo_copy(const char *path, int read_only) {
+    static int (*real_open)(const char *, int, ...);
+    if (!masking || !read_only || path == NULL || strcmp(path, "/proc/cpuinfo") != 0)
+        return -1;
+    if (real_open == NULL)
+        real_open = dlsym(RTLD_NEXT, "open");
+    return filtered_cpuinfo(real_open);
+}
 
-#define OPEN_WRAPPER(name)                                                                  \
-    int name(const char *path, int flags, ...) {                                           \
-        static int (*real)(const char *, int, ...);                                        \
+/* open(2)'s optional third argument */
+#define MODE_ARGUMENT(flags, mode)                                                          \
+    mode_t mode = 0;                                                                       \
+    if ((flags) & (O_CREAT | O_TMPFILE)) {                                                 \
+        va_list args;                                                                      \
+        va_start(args, flags);                                                             \
+        mode = va_arg(args, mode_t);                                                       \
+        va_end(args);                                                                      \
+    }
+
+/* open, open64, openat, openat64: `params` ends in `int flags, ...`; `args` passes them on */
+#define OPEN_WRAPPER(name, params, args)                                                    \
+    int name params {                                                                      \
+        static int (*real) params;                                                         \
+        MODE_ARGUMENT(flags, mode)                                                         \
+        int copy = cpuinfo_copy(path, (flags & O_ACCMODE) == O_RDONLY);                    \
+        if (copy >= 0)                                                                     \
+            return copy;                                                                   \
         if (real == NULL)                                                                  \
             real = dlsym(RTLD_NEXT, #name);                                                \
-        mode_t mode = 0;                                                                   \
-        if (flags & (O_CREAT | O_TMPFILE)) {                                               \
-            va_list args;                                                                  \
-            va_start(args, flags);                                                         \
-            mode = va_arg(args, mode_t);                                                   \
-            va_end(args);                                                                  \
-        }                                                                                  \
-        if (is_cpuinfo(path) && (flags & O_ACCMODE) == O_RDONLY) {                         \
-            int fd = filtered_cpuinfo(real);                                               \
-            if (fd >= 0)                                                                   \
-                return fd;                                                                 \
-        }                                                                                  \
-        return real(path, flags, mode);                                                    \
+        return real args;                                                                  \
     }
-OPEN_WRAPPER(open)
-OPEN_WRAPPER(open64)
-
-#define OPENAT_WRAPPER(name)                                                                \
-    int name(int dir, const char *path, int flags, ...) {                                  \
-        static int (*real)(int, const char *, int, ...);                                   \
-        static int (*plain)(const char *, int, ...);                                       \
-        if (real == NULL) {                                                                \
-            real = dlsym(RTLD_NEXT, #name);                                                \
-            plain = dlsym(RTLD_NEXT, "open");                                              \
-        }                                                                                  \
-        mode_t mode = 0;                                                                   \
-        if (flags & (O_CREAT | O_TMPFILE)) {                                               \
-            va_list args;                                                                  \
-            va_start(args, flags);                                                         \
-            mode = va_arg(args, mode_t);                                                   \
-            va_end(args);                                                                  \
-        }                                                                                  \
-        if (is_cpuinfo(path) && (flags & O_ACCMODE) == O_RDONLY) {                         \
-            int fd = filtered_cpuinfo(plain);                                              \
-            if (fd >= 0)                                                                   \
-                return fd;                                                                 \
-        }                                                                                  \
-        return real(dir, path, flags, mode);                                               \
-    }
-OPENAT_WRAPPER(openat)
-OPENAT_WRAPPER(openat64)
+OPEN_WRAPPER(open, (const char *path, int flags, ...), (path, flags, mode))
+OPEN_WRAPPER(open64, (const char *path, int flags, ...), (path, flags, mode))
+OPEN_WRAPPER(openat, (int dir, const char *path, int flags, ...), (dir, path, flags, mode))
+OPEN_WRAPPER(openat64, (int dir, const char *path, int flags, ...), (dir, path, flags, mode))
 
 #define FOPEN_WRAPPER(name)                                                                 \
     FILE *name(const char *path, const char *how) {                                        \
         static FILE *(*real)(const char *, const char *);                                  \
-        static int (*plain)(const char *, int, ...);                                       \
-        if (real == NULL) {                                                                \
+        int copy = cpuinfo_copy(path, how != NULL && how[0] == 'r' && strchr(how, '+') == NULL); \
+        if (copy >= 0)                                                                     \
+            return fdopen(copy, how);                                                      \
+        if (real == NULL)                                                                  \
             real = dlsym(RTLD_NEXT, #name);                                                \
-            plain = dlsym(RTLD_NEXT, "open");                                              \
-        }                                                                                  \
-        if (is_cpuinfo(path) && how != NULL && how[0] == 'r' && strchr(how, '+') == NULL) { \
-            int fd = filtered_cpuinfo(plain);                                              \
-            if (fd >= 0)                                                                   \
-                return fdopen(fd, how);                                                    \
-        }                                                                                  \
         return real(path, how);                                                            \
     }
 FOPEN_WRAPPER(fopen)
