@@ -169,9 +169,11 @@ def _onnxruntime_int8(in_features: int, out_features: int, weight: torch.Tensor)
         [numpy_helper.from_array(weight.numpy(), "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 8
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    return onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # swinkit's options: the session's threads stop spinning when a run returns, so they do not slow
+    # down the engine timed after it
+    from ..infer.onnx_runner import session_options
+    return onnxruntime.InferenceSession(proto.SerializeToString(), session_options(torch.get_num_threads()),
+                                        providers=["CPUExecutionProvider"])
 
 
 def _operands(dtype: str, shapes: Sequence[GemmShape]) -> tuple[torch.Tensor, ...]:
