@@ -149,36 +149,41 @@ static int filtered_cpuinfo(int (*open_real)(const char *, int, ...)) {
     ssize_t got;
     while (text != NULL && (got = read(source, text + size, capacity - size)) > 0) {
         size += (size_t)got;
-        if (size == capacity)
-            text = realloc(text, capacity *= 2);
+        if (size == capacity) {
+            char *larger = realloc(text, capacity *= 2);
+            if (larger == NULL)
+                free(text);
+            text = larger;
+        }
     }
     close(source);
     if (text == NULL)
         return -1;
-    int out = memfd_create("cpuinfo", MFD_CLOEXEC);
-    if (out < 0) {
-        free(text);
-        return -1;
-    }
-    FILE *sink = fdopen(dup(out), "w");
+    /* filtered in place: dropping words only ever moves text towards the front */
+    size_t kept = 0;
     int in_flags = 0;
     for (size_t i = 0; i < size;) {
         if (i == 0 || text[i - 1] == '\n')
-            in_flags = strncmp(text + i, "flags", 5) == 0;
+            in_flags = i + 5 <= size && strncmp(text + i, "flags", 5) == 0;
         if (in_flags && text[i] == ' ' && i + 1 < size && text[i + 1] != ':') {
             size_t end = i + 1;
             while (end < size && text[end] != ' ' && text[end] != '\n')
                 ++end;
-            if (!hidden(text + i + 1, end - i - 1))
-                fwrite(text + i, 1, end - i, sink);
+            if (!hidden(text + i + 1, end - i - 1)) {
+                memmove(text + kept, text + i, end - i);
+                kept += end - i;
+            }
             i = end;
             continue;
         }
-        fputc(text[i++], sink);
+        text[kept++] = text[i++];
     }
-    fclose(sink);
+    int out = memfd_create("cpuinfo", MFD_CLOEXEC);
+    if (out >= 0 && (write(out, text, kept) != (ssize_t)kept || lseek(out, 0, SEEK_SET) != 0)) {
+        close(out);
+        out = -1;
+    }
     free(text);
-    lseek(out, 0, SEEK_SET);
     return out;
 }
 
