@@ -218,7 +218,7 @@ def test_build_key_follows_source_and_machine(monkeypatch, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif("avx2" not in __import__("swinkit.precision").precision.cpu_flags(), reason="needs an AVX2 CPU")
 def test_kernel_built_for_avx2_only_agrees():
-    """The AVX2 code path (no AVX-512: 8-lane vectors, two query rows per block, scalar key transpose,
+    """The AVX2 code path (no AVX-512: 8-lane vectors, two query rows per block, the 8 x 8 AVX2 key transpose,
     AVX2 masked tails): built with -march=x86-64-v3 in a process of its own and held to the same tests."""
     import os
     import subprocess

@@ -122,6 +122,10 @@ inline void store_tail(bf16* p, vf x, int n) {
 inline float reduce_max(vf x) {
 #ifdef __AVX512F__
   return _mm512_reduce_max_ps((__m512)x);
+#elif defined(__AVX2__)
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 #else
   float m = x[0];
   for (int i = 1; i < L; ++i) m = std::max(m, x[i]);
@@ -132,6 +136,10 @@ inline float reduce_max(vf x) {
 inline float reduce_sum(vf x) {
 #ifdef __AVX512F__
   return _mm512_reduce_add_ps((__m512)x);
+#elif defined(__AVX2__)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 #else
   float s = 0.0f;
   for (int i = 0; i < L; ++i) s += x[i];
@@ -199,6 +207,36 @@ void transpose_keys(const T* k, int64_t sk, int N, int D, float* kT, int NP) {
         t[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);  // column 12 + m
       }
       for (int c = 0; c < cols; ++c) _mm512_storeu_ps(kT + (c0 + c) * NP + j0, t[c]);
+    }
+  }
+}
+#elif defined(__AVX2__)
+// 8 x 8 blocks: in-lane unpacks, then shuffles, then 128-bit lane permutes.
+template <typename T>
+void transpose_keys(const T* k, int64_t sk, int N, int D, float* kT, int NP) {
+  for (int j0 = 0; j0 < NP; j0 += L) {
+    for (int c0 = 0; c0 < D; c0 += L) {
+      const int cols = std::min(L, D - c0);
+      __m256 r[L], t[L];
+      for (int j = 0; j < L; ++j) {
+        const T* row = k + (j0 + j) * sk + c0;
+        r[j] = j0 + j >= N ? _mm256_setzero_ps() : (__m256)(cols == L ? load(row) : load_tail(row, cols, 0.0f));
+      }
+      for (int i = 0; i < L / 2; ++i) {  // t[2 i], lane l: rows 2 i, 2 i + 1 interleaved, columns 4 l, 4 l + 1
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < L / 4; ++i) {  // r[4 i + m], lane l: column 4 l + m of rows 4 i .. 4 i + 3
+        r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+      }
+      for (int m = 0; m < 4; ++m) {
+        t[m] = _mm256_permute2f128_ps(r[m], r[4 + m], 0x20);      // column m
+        t[4 + m] = _mm256_permute2f128_ps(r[m], r[4 + m], 0x31);  // column 4 + m
+      }
+      for (int c = 0; c < cols; ++c) _mm256_storeu_ps(kT + (c0 + c) * NP + j0, t[c]);
     }
   }
 }
