@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from swinkit.cli import main
 from swinkit.infer import evaluate, load_runner
 from swinkit.infer.fast import FastLinear, FastSwin
-from swinkit.infer.int8 import (Int8Linear, activation_qparams, available, is_int8, quantize_linears,
-                                quantize_uint8)
+from swinkit import native
+from swinkit.infer.int8 import (Int8Linear, activation_qparams, available, gelu_by_table, gelu_lookup_table, is_int8,
+                                quantize_linears, quantize_uint8)
 from swinkit.infer.optimize import optimize_for_inference
 from swinkit.policy import specialise
 from swinkit.precision import PrecisionError
@@ -91,6 +92,61 @@ def test_int8_linear_gelu_to_uint8_is_the_requantized_gelu():
     assert q.dtype == torch.uint8 and q.shape == (50, 32)
     reference = quantize_uint8(F.gelu(product), out_scale, out_zero)
     assert (q.int() - reference.int()).abs().max() <= 1  # one step: fp32 rounding at .5
+
+
+@pytest.mark.parametrize("pre_qparams,out_qparams", [((0.05, 80), (0.03, 6)), ((0.012, 255), (0.002, 100))])
+def test_gelu_lookup_table_is_the_quantized_gelu_of_each_code(pre_qparams, out_qparams):
+    import math
+    table = gelu_lookup_table(pre_qparams, out_qparams)
+    assert table.dtype == torch.uint8 and table.shape == (256,)
+    for code in range(256):
+        z = (code - pre_qparams[1]) * pre_qparams[0]
+        gelu = 0.5 * z * (1 + math.erf(z / math.sqrt(2)))
+        expected = min(max(round(gelu / out_qparams[0]) + out_qparams[1], 0), 255)  # round half to even
+        assert int(table[code]) == expected, code
+
+
+@pytest.mark.skipif(not native.kernels_available(), reason="swinkit's kernels are not built here")
+def test_byte_lookup_kernel_is_indexing_by_each_byte():
+    table = torch.randint(0, 256, (256,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for size in (1, 31, 32, 33, 1000, 70001):  # tails of the 32-byte vector loop and of the threads' chunks
+        x = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+        assert torch.equal(native.byte_lookup(x, table), table[x.long()])
+    x = torch.arange(256, dtype=torch.uint8).repeat(40).view(64, 160)[:, ::3]  # every byte value, strided
+    out = native.byte_lookup(x, table)
+    assert out.shape == x.shape and torch.equal(out, table[x.long()])
+    with pytest.raises(RuntimeError, match="x must be a uint8"):
+        native.byte_lookup(x.float(), table)
+    with pytest.raises(RuntimeError, match="table must be 256 uint8"):
+        native.byte_lookup(x, table[:255])
+
+
+@pytest.mark.skipif(not native.kernels_available(), reason="swinkit's kernels are not built here")
+def test_int8_gelu_by_table_agrees_with_the_fused_gelu():
+    """fc1 writing its pre-activation as uint8 and GELU by table into fc2's uint8 input (the rule where
+    oneDNN lacks VNNI) against GELU fused in oneDNN: the same logits up to the extra rounding step."""
+    model = _nontrivial("swin_nano_patch2_window4_32")
+    calibration = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    images = torch.randn(128, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    fused = quantize_linears(FastSwin(model), calibration, table_gelu=False)
+    table = quantize_linears(FastSwin(model), calibration, table_gelu=True)
+    fc1s = [m for key, m in table.model.named_modules() if key.endswith(".fc1")]
+    assert fc1s and all(m.gelu_table is not None and m.pre_activation_qparams[0] > 0 for m in fc1s)
+    assert all(m.gelu_table is None for key, m in fused.model.named_modules() if key.endswith(".fc1"))
+    assert all(torch.equal(m.gelu_table, gelu_lookup_table(m.pre_activation_qparams, m.output_qparams)) for m in fc1s)
+    with torch.inference_mode():
+        reference, a, b = optimize_for_inference(model)(images), fused(images), table(images)
+    scale = reference.abs().max()
+    assert not torch.equal(a, b)  # another computation ...
+    assert (b - reference).abs().mean() <= 1.5 * (a - reference).abs().mean() + 1e-3 * scale  # ... as close to fp32
+    assert (b - a).abs().max() <= 0.05 * scale
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+
+
+def test_gelu_by_table_only_without_vnni():
+    """The rule: the table where oneDNN's int8 kernels saturate (no VNNI) and the kernels are built."""
+    from swinkit.infer.int8 import int16_saturation
+    assert gelu_by_table() == (int16_saturation() and native.kernels_available())
 
 
 @pytest.mark.parametrize("name", ["swin_nano_patch2_window4_32", "swinv2_nano_patch2_window4_32"])
@@ -206,14 +262,16 @@ def test_bench_infer_int8_row_and_ratios(dataset_root, capsys):
 
 def test_without_vnni_weights_get_7_bits_and_nothing_saturates():
     """oneDNN limited to AVX2 (as on a CPU without VNNI): the probe finds u8 x s8 saturating, the policy
-    quantizes weights to 7 bits, and the products are exact again (8-bit weights would be off by ~27%)."""
+    quantizes weights to 7 bits, and the products are exact again (8-bit weights would be off by ~27%);
+    the MLP's GELU runs by table there (where swinkit's kernels are built)."""
     import subprocess
     import sys
     import textwrap
     code = textwrap.dedent("""
         import torch
         from swinkit.infer.fast import FastSwin
-        from swinkit.infer.int8 import Int8Linear, int16_saturation, quantize_linears
+        from swinkit import native
+        from swinkit.infer.int8 import Int8Linear, gelu_by_table, int16_saturation, quantize_linears
         from test_fast_export import _nontrivial
         torch.set_num_threads(1)
         model = _nontrivial("swin_nano_patch2_window4_32")
@@ -224,10 +282,12 @@ def test_without_vnni_weights_get_7_bits_and_nothing_saturates():
         with torch.inference_mode():
             images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
             expected, got = FastSwin(model)(images), fast(images)
-        print(int16_saturation(), seven_bits, float((got - expected).abs().max() / expected.abs().max()) < 0.08)
+        print(int16_saturation(), seven_bits, float((got - expected).abs().max() / expected.abs().max()) < 0.08,
+              gelu_by_table() == native.kernels_available(),
+              all(m.gelu_table is not None for m in layers if m.output_qparams is not None))
     """)
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True", "True", "True"]
+    assert result.stdout.split() == ["True"] * 5

@@ -10,6 +10,8 @@ applies, SDPA elsewhere). Its gradient, `torch.ops.swinkit.window_attention_back
 grad_out, q_scale)`, serves the lean training policy's attention (`train.lean.kernels`): the
 probabilities rebuilt per window and head, the gradients of q, k and v written token-major, the bias's
 summed per thread (Swin-T fp32 training step at batch 16: 3.25 s against 3.76 s with batched matmuls).
+And `torch.ops.swinkit.byte_lookup(x, table)` (`csrc/byte_lookup.cpp`): `table[x]` over uint8 values, the
+INT8 path's GELU between the MLP's linears where oneDNN's fused one is slow (`infer.int8`).
 
 The source is compiled with the host compiler (`c++`, or `$CXX`) through
 `torch.utils.cpp_extension` (ninja from the `ninja` wheel) with `-O3 -march=native -fopenmp`,
@@ -43,7 +45,7 @@ from .precision import cpu_info
 
 log = logging.getLogger("swinkit")
 
-SOURCES = (Path(__file__).parent / "csrc" / "window_attention.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("window_attention.cpp", "byte_lookup.cpp"))
 ENV = "SWINKIT_NATIVE"
 MARCH_ENV = "SWINKIT_NATIVE_MARCH"  # the -march the kernels are built for (default: native)
 FLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV) or 'native'}", "-fopenmp")
@@ -104,6 +106,7 @@ def _load() -> str:
                            extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"], build_directory=str(folder),
                            is_python_module=False, verbose=False)
         torch.library.register_fake("swinkit::window_attention")(_window_attention_shape)
+        torch.library.register_fake("swinkit::byte_lookup")(lambda x, table: torch.empty_like(x))
         return "loaded"
     except Exception as error:  # no compiler, no ninja, a build error: PyTorch's own ops still work
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
@@ -144,3 +147,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
     probabilities in fp32, a bf16 output rounded once. Returns `[B, W, H, N, D]`, a view of token-major
     memory `[B, W, N, H, D]`. Only where `window_attention_applies`."""
     return torch.ops.swinkit.window_attention(q, k, v, attn_bias)
+
+
+def byte_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`table[x]` for a uint8 CPU tensor `x` (any shape) and 256 uint8 `table` entries, in one pass (AVX2
+    gathers where the kernels were built for AVX2): a function of uint8-quantized values into uint8
+    again. Only where `kernels_available()`."""
+    return torch.ops.swinkit.byte_lookup(x, table)

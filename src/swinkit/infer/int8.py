@@ -12,7 +12,10 @@ is replaced by `Int8Linear.dense`. What runs in INT8 and what stays float:
   min/max the layer's input reached on the calibration images (ONNX Runtime's "minmax").
   oneDNN chooses the instructions: AMX-INT8, AVX512-VNNI / AVX-VNNI, or AVX2.
 * fc1 hands fc2 uint8 directly (GELU fused, requantized to the range fc2 was calibrated on):
-  no float tensor between the two MLP linears. The other linears return fp32 to LayerNorm,
+  no float tensor between the two MLP linears. Where oneDNN's int8 kernels lack VNNI their fused GELU
+  is slow, and fc1 writes its pre-activation as uint8 instead (in the range it reached on the
+  calibration images, from -4 up), which one 256-entry table (`gelu_lookup_table`, swinkit's
+  `byte_lookup` kernel) turns into fc2's uint8 input (`gelu_by_table`). The other linears return fp32 to LayerNorm,
   the attention matmuls, softmax and the residual adds, which stay fp32, as do the patch
   embedding and the classifier head (the same float islands as `quantize`'s "vnni" scheme).
 
@@ -28,13 +31,15 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 
+from .. import native
 from ..policy import specialise
 from ..precision import PrecisionError
 from .fast import FastLinear, FastMlp, FastSwin
 
-__all__ = ["Int8Linear", "activation_qparams", "int16_saturation", "int8_linear", "is_int8", "quantize_linears",
-           "quantize_uint8"]
+__all__ = ["Int8Linear", "activation_qparams", "gelu_by_table", "gelu_lookup_table", "int16_saturation", "int8_linear",
+           "is_int8", "quantize_linears", "quantize_uint8"]
 
 log = logging.getLogger("swinkit")
 
@@ -71,6 +76,28 @@ def int16_saturation() -> bool:
     return not bool((out == 255 * 127 * 64).all())
 
 
+GELU_TABLE_LOW = -4.0  # where a GELU table's pre-activation range starts at the lowest: |GELU(z)| < 1.3e-4 below
+
+
+@functools.lru_cache(maxsize=1)
+def gelu_by_table() -> bool:
+    """Whether fc1's GELU runs as a 256-entry table over its uint8 pre-activation (`native.byte_lookup`)
+    instead of fused into oneDNN's int8 kernel: where that kernel lacks VNNI (`int16_saturation`), as
+    on AVX2-only CPUs, its fused GELU costs more than the table, and swinkit's kernels are built. On
+    an emulated AVX2 CPU (`scripts/emulate_cpu.sh avx2`) Swin-T's MLP GELUs took ~38 ms of a ~530 ms
+    INT8 call at batch 8 by isolated timing; with VNNI the fused GELU is free."""
+    return int16_saturation() and native.kernels_available()
+
+
+def gelu_lookup_table(pre_qparams: tuple[float, int], out_qparams: tuple[float, int]) -> torch.Tensor:
+    """The 256 uint8 outputs of GELU, one per uint8 input code: code u stands for (u - zero) * scale in
+    `pre_qparams`; its exact (erf) GELU, in float64, is quantized in `out_qparams` as `quantize_uint8`."""
+    scale, zero = pre_qparams
+    out_scale, out_zero = out_qparams
+    gelu = F.gelu((torch.arange(256, dtype=torch.float64) - zero) * scale)
+    return (torch.round(gelu / out_scale) + out_zero).clamp_(0, 255).to(torch.uint8)
+
+
 def activation_qparams(low: float, high: float) -> tuple[float, int]:
     """uint8 (scale, zero point) covering [low, high] and 0 (asymmetric, as ONNX Runtime's minmax)."""
     low, high = min(low, 0.0), max(high, 0.0)
@@ -95,14 +122,22 @@ def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
         q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
 
+def _widened(seen: tuple[float, float] | None, x: torch.Tensor) -> tuple[float, float]:
+    low, high = (float(v) for v in torch.aminmax(x.float()))
+    return (low, high) if seen is None else (min(seen[0], low), max(seen[1], high))
+
+
 class _Observed(FastLinear):
-    """Calibration: computes in float as before and records the range of its input."""
+    """Calibration: computes in float as before and records the range of its input (and of its
+    output before GELU, for a GELU table)."""
 
     def dense(self, x: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-        low, high = (float(v) for v in torch.aminmax(x.float()))
-        seen = getattr(self, "calibration_range", None)
-        self.calibration_range = (low, high) if seen is None else (min(seen[0], low), max(seen[1], high))
-        return super().dense(x, bias, gelu)
+        self.calibration_range = _widened(getattr(self, "calibration_range", None), x)
+        if not gelu:
+            return super().dense(x, bias)
+        out = super().dense(x, bias)
+        self.pre_activation_range = _widened(getattr(self, "pre_activation_range", None), out)
+        return F.gelu(out)
 
 
 class Int8Linear(FastLinear):
@@ -111,6 +146,8 @@ class Int8Linear(FastLinear):
     (uint8 in `output_qparams` when those are set)."""
 
     output_qparams: tuple[float, int] | None = None
+    gelu_table: torch.Tensor | None = None  # GELU by table from the uint8 pre-activation (`gelu_by_table`)
+    pre_activation_qparams: tuple[float, int] | None = None
 
     def quantize(self, input_range: tuple[float, float], reduce_range: bool) -> None:
         levels = 63 if reduce_range else 127
@@ -127,17 +164,30 @@ class Int8Linear(FastLinear):
             raise PrecisionError(f"INT8 linears run on CPU (oneDNN); got a tensor on {x.device}")
         if x.dtype != torch.uint8:
             x = quantize_uint8(x, *self.input_qparams)
-        out = int8_linear(x.reshape(-1, x.shape[-1]), self.input_qparams, self.int8_weight, self.weight_scale,
-                          self.weight_zero_point, bias, gelu=gelu, output_qparams=self.output_qparams)
+        operands = (x.reshape(-1, x.shape[-1]), self.input_qparams, self.int8_weight, self.weight_scale,
+                    self.weight_zero_point, bias)
+        if gelu and self.gelu_table is not None:
+            out = native.byte_lookup(int8_linear(*operands, output_qparams=self.pre_activation_qparams),
+                                     self.gelu_table)
+        else:
+            out = int8_linear(*operands, gelu=gelu, output_qparams=self.output_qparams)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def use_gelu_table(self, pre_activation_range: tuple[float, float]) -> None:
+        """GELU by table into `output_qparams`, from a uint8 pre-activation over `pre_activation_range`
+        (from `GELU_TABLE_LOW` up)."""
+        low, high = pre_activation_range
+        self.pre_activation_qparams = activation_qparams(max(low, GELU_TABLE_LOW), high)
+        self.gelu_table = gelu_lookup_table(self.pre_activation_qparams, self.output_qparams)
 
 
 def quantize_linears(fast: FastSwin, calibration: Iterable[torch.Tensor], *,
-                     reduce_range: bool | None = None) -> FastSwin:
+                     reduce_range: bool | None = None, table_gelu: bool | None = None) -> FastSwin:
     """Turn `fast`'s linears into `Int8Linear`s (in place; returns `fast`), calibrated on `calibration`:
     batches of images `[B, in_chans, H, W]` preprocessed as at eval time (e.g. `quantize.calibration_images`).
     The classifier head and layers the forward never calls (v2's CPB MLP, folded at freeze) stay float.
     `reduce_range`: 7-bit weights; default where oneDNN's int8 kernels saturate (`int16_saturation`: no VNNI).
+    `table_gelu`: the MLP's GELU by table between fc1 and fc2; default `gelu_by_table()`.
     Raises `PrecisionError` where oneDNN's int8 kernels are missing or `fast` is not on the CPU,
     ValueError for an empty `calibration`."""
     if not available():
@@ -148,6 +198,8 @@ def quantize_linears(fast: FastSwin, calibration: Iterable[torch.Tensor], *,
         raise PrecisionError(f"INT8 inference runs on CPU (oneDNN's int8 kernels); the model is on {device}")
     if reduce_range is None:
         reduce_range = int16_saturation()
+    if table_gelu is None:
+        table_gelu = gelu_by_table()
     head = fast.model.head.fc
     layers = [m for m in fast.model.modules() if isinstance(m, FastLinear) and m is not head]
     for layer in layers:
@@ -160,6 +212,7 @@ def quantize_linears(fast: FastSwin, calibration: Iterable[torch.Tensor], *,
                 images += len(batch)
     finally:
         ranges = {layer: layer.__dict__.pop("calibration_range", None) for layer in layers}
+        pre_activation = {layer: layer.__dict__.pop("pre_activation_range", None) for layer in layers}
         for layer in layers:
             specialise(layer, FastLinear)
     if images == 0:
@@ -170,9 +223,11 @@ def quantize_linears(fast: FastSwin, calibration: Iterable[torch.Tensor], *,
     for mlp in fast.model.modules():  # fc1 writes uint8 in exactly the range fc2 reads
         if isinstance(mlp, FastMlp) and isinstance(mlp.fc1, Int8Linear) and isinstance(mlp.fc2, Int8Linear):
             mlp.fc1.output_qparams = mlp.fc2.input_qparams
+            if table_gelu and pre_activation[mlp.fc1] is not None:
+                mlp.fc1.use_gelu_table(pre_activation[mlp.fc1])
     quantized = sum(isinstance(layer, Int8Linear) for layer in layers)
-    log.info("INT8: %d linears quantized on %d calibration images (%s weights)", quantized, images,
-             "7-bit" if reduce_range else "8-bit")
+    log.info("INT8: %d linears quantized on %d calibration images (%s weights, GELU %s)", quantized, images,
+             "7-bit" if reduce_range else "8-bit", "by table" if table_gelu else "fused")
     return fast
 
 
