@@ -143,10 +143,17 @@ def test_int8_gelu_by_table_agrees_with_the_fused_gelu():
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
 
 
-def test_gelu_by_table_only_without_vnni():
-    """The rule: the table where oneDNN's int8 kernels saturate (no VNNI) and the kernels are built."""
+def test_default_gelu_follows_the_rule_and_vnni_keeps_it_fused():
+    """quantize_linears without `table_gelu` puts tables on every fc1 exactly where `gelu_by_table()`
+    says; where oneDNN's int8 kernels do not saturate (VNNI) the GELU stays fused (the AVX2 side is
+    `test_without_vnni_weights_get_7_bits_and_nothing_saturates`)."""
     from swinkit.infer.int8 import int16_saturation
-    assert gelu_by_table() == (int16_saturation() and native.kernels_available())
+    calibration = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    fast = quantize_linears(FastSwin(_nontrivial("swin_nano_patch2_window4_32")), calibration)
+    tables = [m.gelu_table is not None for key, m in fast.model.named_modules() if key.endswith(".fc1")]
+    assert tables and all(t == gelu_by_table() for t in tables)
+    if not int16_saturation():
+        assert not any(tables)
 
 
 @pytest.mark.parametrize("name", ["swin_nano_patch2_window4_32", "swinv2_nano_patch2_window4_32"])

@@ -94,8 +94,12 @@ def gelu_lookup_table(pre_qparams: tuple[float, int], out_qparams: tuple[float, 
     `pre_qparams`; its exact (erf) GELU, in float64, is quantized in `out_qparams` as `quantize_uint8`."""
     scale, zero = pre_qparams
     out_scale, out_zero = out_qparams
-    gelu = F.gelu((torch.arange(256, dtype=torch.float64) - zero) * scale)
-    return (torch.round(gelu / out_scale) + out_zero).clamp_(0, 255).to(torch.uint8)
+    return _rounded_to_uint8(F.gelu((torch.arange(256, dtype=torch.float64) - zero) * scale), out_scale, out_zero)
+
+
+def _rounded_to_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """clamp(round(x / scale) + zero_point, 0, 255) as uint8, computed in x's dtype (round half to even)."""
+    return (torch.round(x / scale) + zero_point).clamp_(0, 255).to(torch.uint8)
 
 
 def activation_qparams(low: float, high: float) -> tuple[float, int]:
@@ -114,7 +118,7 @@ def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
     (no copy); the same formula in plain ops where that kernel is gone (it is deprecated)."""
     quantize = getattr(torch, "quantize_per_tensor", None)
     if quantize is None:
-        return (torch.round(x.float() / scale) + zero_point).clamp_(0, 255).to(torch.uint8)
+        return _rounded_to_uint8(x.float(), scale, zero_point)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the quantized-tensor deprecation notice
         q = quantize(x.float(), scale, zero_point, torch.quint8)
