@@ -4,6 +4,7 @@ Every helper is a no-op (or the single-process answer) when the run has one proc
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -56,8 +57,16 @@ def setup(device_preference: str = "auto") -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
-def teardown() -> None:
+def teardown(env: DistEnv | None = None) -> None:
+    """Leave the process group. With `env` (a run that ended normally) every rank first waits for the
+    others, so none closes its connections while a peer still uses them. The garbage is collected first:
+    a finished trainer's DDP wrapper (usually in a reference cycle) holds the group, whose gloo worker
+    threads must be joined now, while the interpreter is whole, not during its shutdown (a rank once
+    aborted there: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if env is not None:
+            barrier(env)
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -104,7 +113,7 @@ def shard(model: nn.Module) -> None:
 def replicate(module: nn.Module, env: DistEnv) -> DistributedDataParallel:
     """DDP: gradients are averaged over ranks during backward."""
     return DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
 
 
 def no_sync(model: nn.Module, accumulating: bool):

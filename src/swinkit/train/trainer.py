@@ -57,14 +57,16 @@ def train(config: TrainConfig) -> dict:
     """
     env = distributed.setup(config.train.device)
     config.train.precision = resolve_precision(config.train.precision, env.device)
-    lock = None
+    lock, finished = None, False
     try:
         lock = _lock_run_folder(Path(config.output.dir), env)
-        return Trainer(config, env).fit()
+        result = Trainer(config, env).fit()
+        finished = True
+        return result
     finally:
         if lock is not None:
             lock.release()
-        distributed.teardown()
+        distributed.teardown(env if finished else None)
 
 
 def _lock_run_folder(out: Path, env: distributed.DistEnv) -> FolderLock | None:
