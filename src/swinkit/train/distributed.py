@@ -57,15 +57,16 @@ def setup(device_preference: str = "auto") -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
-def teardown(env: DistEnv | None = None) -> None:
-    """Leave the process group. With `env` (a run that ended normally) every rank first waits for the
-    others, so none closes its connections while a peer still uses them. The garbage is collected first:
-    a finished trainer's DDP wrapper (usually in a reference cycle) holds the group, whose gloo worker
-    threads must be joined now, while the interpreter is whole, not during its shutdown (a rank once
-    aborted there: "terminate called without an active exception")."""
+def teardown(wait_for_peers: bool = False) -> None:
+    """Leave the process group. `wait_for_peers` (a run that ended normally): every rank first waits at a
+    barrier, so none closes its connections while a peer still uses them; a failing rank does not wait.
+    Then the garbage is collected before the group is destroyed: a finished trainer's DDP wrapper (usually
+    in a reference cycle) holds the group, whose gloo worker threads must be joined now, while the
+    interpreter is whole, not during its shutdown (a rank once aborted there: "terminate called without
+    an active exception")."""
     if dist.is_available() and dist.is_initialized():
-        if env is not None:
-            barrier(env)
+        if wait_for_peers:
+            dist.barrier()
         gc.collect()
         dist.destroy_process_group()
 

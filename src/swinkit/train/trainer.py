@@ -66,7 +66,7 @@ def train(config: TrainConfig) -> dict:
     finally:
         if lock is not None:
             lock.release()
-        distributed.teardown(env if finished else None)
+        distributed.teardown(wait_for_peers=finished)
 
 
 def _lock_run_folder(out: Path, env: distributed.DistEnv) -> FolderLock | None:
