@@ -14,6 +14,11 @@ the time the model would need for a given fraction of it (`--target`, 0.8 = issu
 A model time above the budget while "its GEMMs" alone already exceed it means no work outside the
 GEMMs can close the gap; "isolated" against "at peak" shows how much of it is the GEMM library's own
 spread between its median and its best-of-samples rate on this machine.
+
+`--mkl-packed` also times each isolated GEMM through MKL's packed sgemm (`torch.ops.mkl._mkl_linear`, the
+weight packed once for the call's row count by `_mkl_reorder_linear_weight`), an engine the peak does not
+include, alternating with oneDNN shape by shape, and prints both engines' and the per-shape better one's
+median totals: what a third engine in the fast path could save on the GEMMs.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.8, help="fraction of the fp32 GEMM peak to budget for")
+    parser.add_argument("--mkl-packed", action="store_true", help="also time the isolated GEMMs in MKL's packed sgemm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -46,11 +52,18 @@ def main() -> None:
     fast = swinkit.optimize_for_inference(model)
     shapes = machine.linear_shapes(model, args.batch)
     peaks = machine.measure_peaks(shapes, ("fp32",))
-    alone = []
+    alone = []  # per shape: {engine: one call}, count
     for shape in shapes:
         x = torch.rand(shape.rows, shape.in_features).sub_(0.5)
-        weight = onednn.reorder_weight(torch.rand(shape.out_features, shape.in_features).sub_(0.5))
-        alone.append((lambda x=x, weight=weight: onednn.inner_product(x, weight), shape.count))
+        plain = torch.rand(shape.out_features, shape.in_features).sub_(0.5)
+        weight = onednn.reorder_weight(plain)
+        engines = {"oneDNN": lambda x=x, weight=weight: onednn.inner_product(x, weight)}
+        if args.mkl_packed:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(plain, shape.rows)
+            engines["MKL packed"] = lambda x=x, packed=packed, plain=plain, rows=shape.rows: torch.ops.mkl._mkl_linear(
+                x, packed, plain, None, rows)
+        alone.append((engines, shape.count))
+    engine_rows = []  # per round: {engine: [seconds per shape, times its count]}
 
     dense, inside = fast_module._dense, []
 
@@ -72,14 +85,16 @@ def main() -> None:
                 model_s = time.perf_counter() - start
             finally:
                 fast_module._dense = dense
-            isolated = 0.0
-            for call, count in alone:
-                call()
-                start = time.perf_counter()
-                call()
-                call()
-                isolated += (time.perf_counter() - start) / 2 * count
-            rows.append((model_s, sum(inside), isolated))
+            per_engine = {name: [] for name in alone[0][0]}
+            for engines, count in alone:
+                for name in (list(engines) if len(rows) % 2 else list(engines)[::-1]):
+                    engines[name]()
+                    start = time.perf_counter()
+                    engines[name]()
+                    engines[name]()
+                    per_engine[name].append((time.perf_counter() - start) / 2 * count)
+            rows.append((model_s, sum(inside), sum(per_engine["oneDNN"])))
+            engine_rows.append(per_engine)
     peaks = machine.measure_peaks(shapes, ("fp32",), previous=peaks)
     peak = peaks["peak_gflops"]["fp32"]
     at_peak = sum(row["gflop"] / max(row["fp32"].values()) for row in peaks["shapes"])
@@ -97,6 +112,13 @@ def main() -> None:
           f"{medians[2] * 1e3:9.1f} {medians[1] / medians[2]:7.2f} {100 * flop / medians[0] / (peak * 1e9):6.1f}%")
     print(f"rounds whose GEMMs alone exceed the {args.target:.0%} budget: "
           f"{sum(gemm_s > budget for _, gemm_s, _ in rows)} of {len(rows)}")
+    if args.mkl_packed:
+        shape_medians = {name: [statistics.median(r[name][i] for r in engine_rows) for i in range(len(shapes))]
+                         for name in engine_rows[0]}
+        totals = {name: sum(times) for name, times in shape_medians.items()}
+        totals["better per shape"] = sum(map(min, zip(*shape_medians.values())))
+        print("isolated GEMMs, median per shape, summed: " + ", ".join(
+            f"{name} {seconds * 1e3:.1f} ms" for name, seconds in totals.items()))
 
 
 if __name__ == "__main__":
